@@ -1,0 +1,73 @@
+/* Counter-based Gaussians for zo_scale: Philox4x32-10 + Box-Muller, float32 out.
+ *
+ * Element i of a stream (key k0,k1; counter words c2,c3) comes from the Philox block
+ * b = i / 4 with counter (lo32(b), hi32(b), c2, c3): words (x0,x1) give elements 4b, 4b+1,
+ * words (x2,x3) give 4b+2, 4b+3. This must match zo_scale/rng.py integer for integer.
+ *
+ * Work is done in tiles of TILE elements aligned to the global index, each tile by the
+ * same fixed-trip-count loop, so an element's float value never depends on which range
+ * it was requested in (vector and scalar math paths would round differently).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 256
+#define BLOCKS (TILE / 4)
+
+static void tile_normals(uint64_t tile, uint32_t k0_in, uint32_t k1_in, uint32_t c2_in,
+                         uint32_t c3_in, float *restrict out) {
+    uint32_t x0[BLOCKS], x1[BLOCKS], x2[BLOCKS], x3[BLOCKS];
+    const uint64_t first = tile * BLOCKS;
+#pragma omp simd
+    for (int j = 0; j < BLOCKS; ++j) {
+        uint64_t b = first + (uint64_t)j;
+        uint32_t c0 = (uint32_t)b, c1 = (uint32_t)(b >> 32), c2 = c2_in, c3 = c3_in;
+        uint32_t k0 = k0_in, k1 = k1_in;
+        for (int r = 0; r < 10; ++r) {
+            uint64_t p0 = (uint64_t)0xD2511F53u * c0;
+            uint64_t p1 = (uint64_t)0xCD9E8D57u * c2;
+            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
+            uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+            c1 = (uint32_t)p1;
+            c3 = (uint32_t)p0;
+            c0 = n0;
+            c2 = n2;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        x0[j] = c0; x1[j] = c1; x2[j] = c2; x3[j] = c3;
+    }
+    const float inv24 = 1.0f / 16777216.0f, two_pi = 6.283185307179586f;
+#pragma omp simd
+    for (int j = 0; j < BLOCKS; ++j) {
+        /* u1 in (0, 1] so the log is finite; u2 in [0, 1) for the angle; both exact in fp32 */
+        float ua = (float)((x0[j] >> 8) + 1u) * inv24, va = (float)(x1[j] >> 8) * inv24;
+        float ub = (float)((x2[j] >> 8) + 1u) * inv24, vb = (float)(x3[j] >> 8) * inv24;
+        float ra = sqrtf(-2.0f * logf(ua)), rb = sqrtf(-2.0f * logf(ub));
+        out[4 * j + 0] = ra * cosf(two_pi * va);
+        out[4 * j + 1] = ra * sinf(two_pi * va);
+        out[4 * j + 2] = rb * cosf(two_pi * vb);
+        out[4 * j + 3] = rb * sinf(two_pi * vb);
+    }
+}
+
+/* Fill out[0:n] with the stream's elements [start, start + n). */
+void zo_philox_normal(uint64_t start, int64_t n, uint32_t k0, uint32_t k1, uint32_t c2,
+                      uint32_t c3, float *out, int num_threads) {
+    if (n <= 0) return;
+    const uint64_t end = start + (uint64_t)n;
+    const int64_t t_first = (int64_t)(start / TILE), t_last = (int64_t)((end - 1) / TILE);
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = t_first; t <= t_last; ++t) {
+        uint64_t t0 = (uint64_t)t * TILE;
+        if (t0 >= start && t0 + TILE <= end) {
+            tile_normals((uint64_t)t, k0, k1, c2, c3, out + (t0 - start));
+        } else { /* edge tile: compute whole, copy the overlap */
+            float buf[TILE];
+            tile_normals((uint64_t)t, k0, k1, c2, c3, buf);
+            uint64_t lo = t0 > start ? t0 : start, hi = t0 + TILE < end ? t0 + TILE : end;
+            memcpy(out + (lo - start), buf + (lo - t0), (size_t)(hi - lo) * sizeof(float));
+        }
+    }
+}

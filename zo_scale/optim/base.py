@@ -1,0 +1,361 @@
+"""Step orchestration shared by every ZO optimizer: perturb, measure, reduce, update.
+
+A step, for each SPSA sample j:  θ+εd_j → ℓ₊ⱼ,  θ−εd_j → ℓ₋ⱼ,  restore (fused with the update
+for the last sample). d is z (or z/√H for HiZOO) regenerated from ``zo_scale.rng`` chunk by
+chunk: no full-model temporaries. Losses are returned by the closure per rank as (sum, weight)
+and reduced with one fp64 all-reduce; nothing else crosses ranks.
+
+Subclasses define the state they keep, the direction they perturb along, the extra forwards they
+need (HiZOO's ℓ₀) and the per-chunk update, which calls the pure math in ``updates.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from zo_scale import rng
+from zo_scale.shards import ShardView, detect_backend
+
+STATE_FORMAT = "zo_scale.optimizer.v1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A ZO forward produced NaN/inf; parameters were restored before raising."""
+
+
+@dataclass
+class StepStats:
+    step: int  # index of the step just taken (0-based)
+    loss: float  # global mean loss of this step's probes, (ℓ₊ + ℓ₋)/2 averaged over samples
+    loss_plus: float
+    loss_minus: float
+    proj_grad: float  # (ℓ₊ − ℓ₋)/(2ε), averaged over samples
+    lr: float
+    forward_passes: int  # total so far, this step included
+    loss_zero: float | None = None
+    skipped: bool = False
+    extra: dict = field(default_factory=dict)  # optimizer-specific (HELENE: alpha, clip_fraction)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+def _as_sum_and_weight(value, device) -> torch.Tensor:
+    """A closure's result as a (sum, weight) fp64 pair: a scalar loss counts with weight 1."""
+    if isinstance(value, (tuple, list)):
+        loss_sum, weight = value
+    else:
+        loss_sum, weight = value, 1.0
+    loss_sum = torch.as_tensor(loss_sum).detach().to(device=device, dtype=torch.float64).reshape(())
+    weight = torch.as_tensor(weight).detach().to(device=device, dtype=torch.float64).reshape(())
+    return torch.stack([loss_sum, weight])
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class: ``opt = Cls(model, lr=..., eps=..., seed=...)``, then ``loss = opt.step(closure)``.
+
+    ``closure()`` runs a forward pass on this rank's current micro-batch and returns either a
+    mean loss (weight 1) or ``(loss_sum, weight)`` (e.g. summed token losses and the token
+    count): the optimizer forms the global weighted mean across data-parallel ranks.
+    """
+
+    state_names: tuple[str, ...] = ()  # per-coordinate state kept by the subclass
+    probes_loss_zero = False  # HiZOO needs ℓ₀ at the unperturbed point
+    supports_n_samples = True
+
+    def __init__(
+        self,
+        model,
+        *,
+        lr: float,
+        eps: float = 1e-3,
+        seed: int = 0,
+        weight_decay: float = 0.0,
+        n_samples: int = 1,
+        master_weights: bool | None = None,
+        state_dtype: torch.dtype = torch.float32,
+        chunk_size: int = 1 << 22,
+        process_group=None,
+        on_nonfinite: str = "raise",
+        **hparams,
+    ):
+        if lr < 0 or eps <= 0:
+            raise ValueError(f"zo_scale: need lr >= 0 and eps > 0, got lr={lr} eps={eps}")
+        if n_samples < 1 or (n_samples > 1 and not self.supports_n_samples):
+            raise ValueError(f"zo_scale: {type(self).__name__} does not support n_samples={n_samples}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"zo_scale: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if chunk_size < 1024 or chunk_size % 256:
+            raise ValueError("zo_scale: chunk_size must be a multiple of 256 and at least 1024")
+        self.backend = detect_backend(model)
+        self.views: list[ShardView] = self.backend.shard_views()
+        if not any(v.param.requires_grad for v in self.views):
+            raise ValueError("zo_scale: the model has no parameters with requires_grad=True")
+        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, **hparams)
+        super().__init__([v.param for v in self.views], defaults)
+        self.seed = int(seed)
+        self.n_samples = n_samples
+        self.chunk_size = chunk_size
+        self.state_dtype = state_dtype
+        self.process_group = process_group
+        self.on_nonfinite = on_nonfinite
+        self.step_count = 0
+        self.forward_passes = 0
+        self.last_stats: StepStats | None = None
+        self._offset = 0  # current perturbation, in units of ε along the current direction
+        if master_weights is None:  # an fp32 master wherever weights are low precision
+            master_weights = any(v.local.dtype != torch.float32 for v in self.views)
+        self.master_weights = master_weights
+        self.shard_state: dict[str, dict[str, torch.Tensor]] = {}
+        for v in self.views:
+            st = {}
+            if master_weights:
+                st["master"] = v.local.detach().to(torch.float32).clone()
+            for sname in self.state_names:
+                st[sname] = self._init_state(sname, v)
+            self.shard_state[v.name] = st
+
+    # ------------------------------------------------------------------ subclass hooks
+
+    def _init_state(self, name: str, view: ShardView) -> torch.Tensor:
+        return torch.zeros(view.numel, dtype=self.state_dtype, device=view.local.device)
+
+    def _direction(self, view: ShardView, lo: int, hi: int, z: torch.Tensor) -> torch.Tensor:
+        """The perturbation direction for this chunk (z, or z/√H for HiZOO)."""
+        return z
+
+    def _before_update(self, losses: dict) -> dict:
+        """Scalars the per-chunk update needs, from the reduced losses. Same on every rank."""
+        return {}
+
+    def _update_chunk(self, view, lo, hi, theta, zs, pgs, scalars) -> torch.Tensor | None:
+        """Update fp32 ``theta`` (this chunk) in place; may return a count of clipped coords."""
+        raise NotImplementedError
+
+    def _extra_stats(self, scalars: dict, clipped: float, total: float) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ z and perturbation
+
+    def _stream(self, view: ShardView, sample: int) -> rng.ZStream:
+        return rng.ZStream.make(self.seed, view.uid, self.step_count, sample)
+
+    def _chunks(self):
+        for view in self.views:
+            for lo in range(0, view.numel, self.chunk_size):
+                yield view, lo, min(lo + self.chunk_size, view.numel)
+
+    def _z(self, view: ShardView, lo: int, hi: int, sample: int) -> torch.Tensor:
+        return rng.normal_range(self._stream(view, sample), view.start + lo, hi - lo, device=view.local.device)
+
+    def _move_to(self, offset: int, sample: int) -> None:
+        """Set the weights to θ + offset·ε·d (master: written fresh; else: added in place)."""
+        eps = self.param_groups[0]["eps"]
+        delta = offset - self._offset
+        self.backend.prepare_edit()
+        for view, lo, hi in self._chunks():
+            d = self._direction(view, lo, hi, self._z(view, lo, hi, sample))
+            local = view.local[lo:hi]
+            master = self.shard_state[view.name].get("master")
+            if master is not None:
+                # cast(master ± εd) instead of accumulating: the restore is exact
+                if offset == 0:
+                    local.copy_(master[lo:hi])
+                else:
+                    local.copy_(master[lo:hi] + (offset * eps) * d)
+            else:
+                local.add_(d.to(local.dtype) if local.dtype != torch.float32 else d, alpha=delta * eps)
+        self.backend.finish_edit()
+        self._offset = offset
+
+    # ------------------------------------------------------------------ the step
+
+    def _forward(self, closure: Callable) -> torch.Tensor:
+        module = self.backend.eval_module()
+        module.eval()  # ZO forwards: no dropout
+        with torch.no_grad():
+            out = closure()
+        self.forward_passes += 1
+        return _as_sum_and_weight(out, self.backend.loss_device())
+
+    def _reduce(self, pairs: list[torch.Tensor]) -> list[float]:
+        """Global weighted means of this step's losses: one fp64 all-reduce of a few scalars."""
+        flat = torch.cat(pairs)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            dist.all_reduce(flat, group=self.process_group)
+        vals = flat.view(-1, 2).tolist()
+        return [s / w if w > 0 else float("nan") for s, w in vals]
+
+    @torch.no_grad()
+    def step(self, closure: Callable) -> float:
+        if closure is None:
+            raise ValueError("zo_scale: ZO optimizers need a closure that runs a forward pass and returns the loss")
+        group = self.param_groups[0]
+        eps = group["eps"]
+        pairs = []
+        if self.probes_loss_zero:
+            pairs.append(self._forward(closure))
+        plus_minus_pairs = []
+        for j in range(self.n_samples):
+            self._move_to(+1, j)
+            lp = self._forward(closure)
+            self._move_to(-1, j)
+            lm = self._forward(closure)
+            plus_minus_pairs += [lp, lm]
+            if j < self.n_samples - 1:
+                self._move_to(0, j)
+        vals = self._reduce(pairs + plus_minus_pairs)
+        loss_zero = vals[0] if self.probes_loss_zero else None
+        pm = vals[1:] if self.probes_loss_zero else vals
+        plus, minus = pm[0::2], pm[1::2]
+        pgs = [(a - b) / (2.0 * eps) for a, b in zip(plus, minus)]
+        stats = StepStats(
+            step=self.step_count,
+            loss=sum(plus + minus) / (2 * self.n_samples),
+            loss_plus=sum(plus) / self.n_samples,
+            loss_minus=sum(minus) / self.n_samples,
+            proj_grad=sum(pgs) / self.n_samples,
+            lr=group["lr"],
+            forward_passes=self.forward_passes,
+            loss_zero=loss_zero,
+        )
+        if not all(math.isfinite(x) for x in vals):
+            self._move_to(0, self.n_samples - 1)
+            if self.on_nonfinite == "raise":
+                raise NonFiniteLossError(
+                    f"zo_scale: non-finite loss at step {self.step_count} "
+                    f"(l+={plus}, l-={minus}, l0={loss_zero}); parameters restored"
+                )
+            stats.skipped = True
+        else:
+            scalars = self._before_update({"plus": plus, "minus": minus, "zero": loss_zero, "proj_grads": pgs})
+            clipped, total = self._restore_and_update(pgs, scalars)
+            stats.extra = self._extra_stats(scalars, clipped, total)
+        self.step_count += 1
+        self.last_stats = stats
+        return stats.loss
+
+    def _restore_and_update(self, pgs: list[float], scalars: dict) -> tuple[float, float]:
+        """One pass: restore θ from −εd to θ, then apply the update — z generated once."""
+        eps = self.param_groups[0]["eps"]
+        last = self.n_samples - 1
+        clipped = torch.zeros((), dtype=torch.float64)
+        self.backend.prepare_edit()
+        for view, lo, hi in self._chunks():
+            st = self.shard_state[view.name]
+            local = view.local[lo:hi]
+            zs = [self._z(view, lo, hi, j) for j in range(self.n_samples)]
+            master = st.get("master")
+            if master is not None:
+                theta = master[lo:hi]  # the master never saw the perturbation
+            elif local.dtype == torch.float32:
+                theta = local
+                theta.add_(self._direction(view, lo, hi, zs[last]), alpha=-self._offset * eps)
+            else:  # low-precision weights without master: lossy, but still one pass
+                theta = local.float()
+                theta.add_(self._direction(view, lo, hi, zs[last]), alpha=-self._offset * eps)
+            n = self._update_chunk(view, lo, hi, theta, zs, pgs, scalars)
+            if n is not None:
+                clipped += n.to(torch.float64).cpu()
+            if theta is not local:
+                local.copy_(theta)
+        self.backend.finish_edit()
+        self._offset = 0
+        total = float(sum(v.numel for v in self.views))
+        if self.reports_clipping:
+            counts = torch.stack([clipped, torch.tensor(total, dtype=torch.float64)]).to(self.backend.loss_device())
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+                dist.all_reduce(counts, group=self.process_group)
+            clipped_f, total = counts.tolist()
+            return clipped_f, total
+        return 0.0, total
+
+    reports_clipping = False
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _grad_dir(self, zs: list[torch.Tensor], pgs: list[float]) -> torch.Tensor:
+        """The ZO gradient estimate on this chunk: mean over samples of pg_j·z_j."""
+        g = zs[0] * (pgs[0] / len(zs))
+        for z, pg in zip(zs[1:], pgs[1:]):
+            g.add_(z, alpha=pg / len(zs))
+        return g
+
+    def _decays(self, view: ShardView) -> bool:
+        """Weight decay skips 1-D tensors (biases, norms) unless ``decay_1d`` is set."""
+        return self.param_groups[0].get("decay_1d", False) or len(view.global_shape) >= 2
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """This rank's state, keyed by (parameter name, global flat range)."""
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return {
+            "format": STATE_FORMAT,
+            "optimizer": type(self).__name__,
+            "step": self.step_count,
+            "forward_passes": self.forward_passes,
+            "seed": self.seed,
+            "hparams": group,
+            "shards": {
+                v.name: {
+                    "start": v.start,
+                    "end": v.end,
+                    "global_numel": v.global_numel,
+                    "tensors": {k: t.detach().clone() for k, t in self.shard_state[v.name].items()},
+                }
+                for v in self.views
+            },
+        }
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load state saved by this optimizer on any world size or backend.
+
+        Accepts one state dict or a list of them (one per saving rank); each local view takes
+        its global range from whichever pieces overlap it and checks it is fully covered.
+        """
+        pieces = state_dict if isinstance(state_dict, (list, tuple)) else [state_dict]
+        head = pieces[0]
+        if head.get("format") != STATE_FORMAT or head.get("optimizer") != type(self).__name__:
+            raise ValueError(
+                f"zo_scale: cannot load a {head.get('optimizer')!r} state ({head.get('format')!r}) "
+                f"into {type(self).__name__}"
+            )
+        if head["seed"] != self.seed:
+            raise ValueError(f"zo_scale: checkpoint seed {head['seed']} differs from optimizer seed {self.seed}")
+        self.step_count = head["step"]
+        self.forward_passes = head["forward_passes"]
+        self.param_groups[0].update(head["hparams"])
+        for v in self.views:
+            for sname, dest in self.shard_state[v.name].items():
+                _fill_from_pieces(dest, v, sname, pieces)
+        if self.master_weights:  # weights must equal cast(master) for the restore to stay exact
+            for v in self.views:
+                v.local.copy_(self.shard_state[v.name]["master"])
+        self._offset = 0
+
+
+def _fill_from_pieces(dest: torch.Tensor, view: ShardView, sname: str, pieces: list[dict]) -> None:
+    covered = 0
+    for sd in pieces:
+        entry = sd["shards"].get(view.name)
+        if entry is None or sname not in entry["tensors"]:
+            continue
+        if entry["global_numel"] != view.global_numel:
+            raise ValueError(f"zo_scale: {view.name} has {view.global_numel} elements but the checkpoint has {entry['global_numel']}")
+        lo, hi = max(entry["start"], view.start), min(entry["end"], view.end)
+        if lo < hi:
+            src = entry["tensors"][sname][lo - entry["start"] : hi - entry["start"]]
+            dest[lo - view.start : hi - view.start].copy_(src)
+            covered += hi - lo
+    if covered != view.numel:
+        raise ValueError(
+            f"zo_scale: checkpoint covers {covered} of {view.numel} local elements of {view.name}/{sname}"
+        )

@@ -1,0 +1,139 @@
+"""HELENE (Zhao et al., EMNLP 2025), as reconstructed in DESIGN.md — every unconfirmed choice
+is an option with a documented default.
+
+Per step t, with pg = (ℓ₊ − ℓ₋)/(2ε) and g = pg·z (two forwards):
+  α_t = β1 + (1 − β1)·exp(−t/T)                    annealing ('exp'; 'none': α = 1 − β1)
+  m   ← β1·m + α_t·g
+  every k steps: h ← β2·h + (1 − β2)·c·g⊙g         A-GNB from the same probe, true labels
+  floor: θ ← θ − η·m / (γ·max(h, λ_i) + ε_s)        layer-wise clipping, threshold λ_i per tensor
+  ratio: θ ← θ − η·clip(m / (γ·h + ε_s), ±λ_i)       Sophia-style alternative
+  plus decoupled weight decay θ ← θ·(1 − η·wd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from zo_scale.optim.base import ZOOptimizer
+from zo_scale.optim.updates import helene_alpha, helene_update_
+
+CLIP_MODES = ("floor", "ratio", "none")
+LAMBDA_RULES = ("uniform", "sqrt_numel")
+
+
+class HELENE(ZOOptimizer):
+    """HELENE with annealed momentum, A-GNB diagonal Hessian and layer-wise clipping.
+
+    Options (defaults in brackets; none of them is confirmed by public code):
+      beta1 [0.9], beta2 [0.99]         momentum and Hessian EMA factors
+      anneal ['exp'|'none'], anneal_horizon T [100 steps]
+      hessian_interval k [1]            refresh h every k steps
+      hessian_scale c [1.0]             ĥ = c·g⊙g
+      use_hessian [True]                False: h ≡ 1 in the denominator (ablation)
+      gamma γ [1.0]
+      clip_mode ['floor'|'ratio'|'none'], clip_lambda λ [1.0]
+      lambda_rule ['uniform'|'sqrt_numel']  λ_i = λ, or λ·√(n_i / mean n) per tensor
+      stab_eps ε_s [1e-8], weight_decay [0.0] (decoupled; skips 1-D tensors unless decay_1d)
+      state_dtype [torch.float32]       dtype of m and h
+    """
+
+    state_names = ("momentum", "hessian")
+    reports_clipping = True
+
+    def __init__(
+        self,
+        model,
+        *,
+        lr: float,
+        eps: float = 1e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        anneal: str = "exp",
+        anneal_horizon: float = 100.0,
+        hessian_interval: int = 1,
+        hessian_scale: float = 1.0,
+        use_hessian: bool = True,
+        gamma: float = 1.0,
+        clip_mode: str = "floor",
+        clip_lambda: float = 1.0,
+        lambda_rule: str = "uniform",
+        stab_eps: float = 1e-8,
+        decay_1d: bool = False,
+        **kwargs,
+    ):
+        if anneal not in ("exp", "none"):
+            raise ValueError(f"zo_scale: HELENE anneal must be 'exp' or 'none', got {anneal!r}")
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"zo_scale: HELENE clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+        if lambda_rule not in LAMBDA_RULES:
+            raise ValueError(f"zo_scale: HELENE lambda_rule must be one of {LAMBDA_RULES}, got {lambda_rule!r}")
+        if hessian_interval < 1 or anneal_horizon <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
+            raise ValueError("zo_scale: HELENE needs hessian_interval >= 1, anneal_horizon > 0, 0 <= beta1, beta2 < 1")
+        super().__init__(
+            model,
+            lr=lr,
+            eps=eps,
+            beta1=beta1,
+            beta2=beta2,
+            anneal=anneal,
+            anneal_horizon=anneal_horizon,
+            hessian_interval=hessian_interval,
+            hessian_scale=hessian_scale,
+            use_hessian=use_hessian,
+            gamma=gamma,
+            clip_mode=clip_mode,
+            clip_lambda=clip_lambda,
+            lambda_rule=lambda_rule,
+            stab_eps=stab_eps,
+            decay_1d=decay_1d,
+            **kwargs,
+        )
+        # λ_i from global shapes only: identical on every rank, no communication
+        sizes = {v.name: v.global_numel for v in self.views}
+        mean = sum(sizes.values()) / len(sizes)
+        self.layer_lambda_scale = {
+            name: (math.sqrt(n / mean) if lambda_rule == "sqrt_numel" else 1.0) for name, n in sizes.items()
+        }
+
+    def _before_update(self, losses):
+        group = self.param_groups[0]
+        return {
+            "alpha": helene_alpha(
+                self.step_count, beta1=group["beta1"], anneal=group["anneal"], horizon=group["anneal_horizon"]
+            ),
+            "refresh": self.step_count % group["hessian_interval"] == 0,
+        }
+
+    def _update_chunk(self, view, lo, hi, theta, zs, pgs, scalars):
+        group = self.param_groups[0]
+        st = self.shard_state[view.name]
+        m, h = st["momentum"][lo:hi], st["hessian"][lo:hi]
+        low_precision = m.dtype != torch.float32
+        m32, h32 = (m.float(), h.float()) if low_precision else (m, h)
+        clipped = helene_update_(
+            theta,
+            self._grad_dir(zs, pgs),
+            m32,
+            h32,
+            lr=group["lr"],
+            alpha=scalars["alpha"],
+            beta1=group["beta1"],
+            beta2=group["beta2"],
+            refresh_hessian=scalars["refresh"],
+            hessian_scale=group["hessian_scale"],
+            use_hessian=group["use_hessian"],
+            gamma=group["gamma"],
+            clip_mode=group["clip_mode"],
+            clip_lambda=group["clip_lambda"] * self.layer_lambda_scale[view.name],
+            stab_eps=group["stab_eps"],
+            weight_decay=group["weight_decay"] if self._decays(view) else 0.0,
+        )
+        if low_precision:
+            m.copy_(m32)
+            h.copy_(h32)
+        return clipped
+
+    def _extra_stats(self, scalars, clipped, total):
+        return {"alpha": scalars["alpha"], "clip_fraction": clipped / total if total else 0.0}

@@ -1,0 +1,87 @@
+"""HiZOO (Zhao et al., 2025) in the form of its official code.
+
+Keep a diagonal H (init 1); perturb along z/√H; three forwards ℓ₀, ℓ₊, ℓ₋; then
+H ← (1−α)·H + α·|ℓ₊+ℓ₋−2ℓ₀|·H⊙z²/(2ε²), and step θ ← θ − lr·pg·z/√H with the updated H.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from zo_scale.optim.base import ZOOptimizer
+from zo_scale.optim.updates import hizoo_direction, hizoo_hessian_update_, hizoo_update_
+
+
+class HiZOO(ZOOptimizer):
+    """Options: ``hessian_smooth`` α (official default 1e-8), ``alpha_schedule`` ('constant' or
+    'cosine': α decays to 0 over ``total_steps``), ``hessian_floor`` (a lower bound on H; 0 = off),
+    ``decay_1d`` as in MeZO."""
+
+    state_names = ("hessian",)
+    probes_loss_zero = True
+    supports_n_samples = False
+
+    def __init__(
+        self,
+        model,
+        *,
+        lr: float,
+        eps: float = 1e-3,
+        hessian_smooth: float = 1e-8,
+        alpha_schedule: str = "constant",
+        total_steps: int | None = None,
+        hessian_floor: float = 0.0,
+        decay_1d: bool = False,
+        **kwargs,
+    ):
+        if alpha_schedule not in ("constant", "cosine"):
+            raise ValueError(f"zo_scale: HiZOO alpha_schedule must be 'constant' or 'cosine', got {alpha_schedule!r}")
+        if alpha_schedule == "cosine" and not total_steps:
+            raise ValueError("zo_scale: HiZOO alpha_schedule='cosine' needs total_steps")
+        super().__init__(
+            model,
+            lr=lr,
+            eps=eps,
+            hessian_smooth=hessian_smooth,
+            alpha_schedule=alpha_schedule,
+            total_steps=total_steps,
+            hessian_floor=hessian_floor,
+            decay_1d=decay_1d,
+            **kwargs,
+        )
+
+    def _init_state(self, name, view):
+        return torch.ones(view.numel, dtype=self.state_dtype, device=view.local.device)
+
+    def _direction(self, view, lo, hi, z):
+        hess = self.shard_state[view.name]["hessian"][lo:hi]
+        return hizoo_direction(z, hess.float())
+
+    def _hessian_alpha(self) -> float:
+        group = self.param_groups[0]
+        if group["alpha_schedule"] == "cosine":
+            frac = min(self.step_count / group["total_steps"], 1.0)
+            return group["hessian_smooth"] * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return group["hessian_smooth"]
+
+    def _before_update(self, losses):
+        (plus,), (minus,) = losses["plus"], losses["minus"]
+        return {"curvature": abs(plus + minus - 2.0 * losses["zero"]), "alpha": self._hessian_alpha()}
+
+    def _update_chunk(self, view, lo, hi, theta, zs, pgs, scalars):
+        group = self.param_groups[0]
+        state = self.shard_state[view.name]["hessian"]
+        hess = state[lo:hi] if state.dtype == torch.float32 else state[lo:hi].float()
+        hizoo_hessian_update_(
+            hess, zs[0], alpha=scalars["alpha"], curvature=scalars["curvature"], eps=group["eps"],
+            floor=group["hessian_floor"],
+        )
+        wd = group["weight_decay"] if self._decays(view) else 0.0
+        hizoo_update_(theta, zs[0], hess, lr=group["lr"], proj_grad=pgs[0], weight_decay=wd)
+        if hess.data_ptr() != state[lo:hi].data_ptr():
+            state[lo:hi].copy_(hess)
+
+    def _extra_stats(self, scalars, clipped, total):
+        return {"hessian_alpha": scalars["alpha"], "curvature": scalars["curvature"]}

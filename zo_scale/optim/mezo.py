@@ -1,0 +1,22 @@
+"""MeZO (Malladi et al., 2023): ZO-SGD with the seed trick, optional n-SPSA and weight decay."""
+
+from __future__ import annotations
+
+from zo_scale.optim.base import ZOOptimizer
+from zo_scale.optim.updates import mezo_update_
+
+
+class MeZO(ZOOptimizer):
+    """θ ← θ − lr·(mean_j pg_j·z_j + wd·θ).
+
+    Options: ``n_samples`` (n-SPSA: average n probes per step, 2n forwards), ``weight_decay``
+    and ``decay_1d`` (also decay biases and norm weights; off by default).
+    """
+
+    def __init__(self, model, *, lr: float, eps: float = 1e-3, decay_1d: bool = False, **kwargs):
+        super().__init__(model, lr=lr, eps=eps, decay_1d=decay_1d, **kwargs)
+
+    def _update_chunk(self, view, lo, hi, theta, zs, pgs, scalars):
+        group = self.param_groups[0]
+        wd = group["weight_decay"] if self._decays(view) else 0.0
+        mezo_update_(theta, self._grad_dir(zs, pgs), lr=group["lr"], weight_decay=wd)

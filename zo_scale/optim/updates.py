@@ -1,0 +1,119 @@
+"""Pure per-shard update math: plain tensor ops on one local chunk, all in fp32.
+
+Every function here sees only a slice of one parameter (``theta``), the matching slice of z
+and of the optimizer state, and a few Python scalars that are identical on every rank. That is
+what lets the sharded backends and the fused GPU kernels reuse it unchanged. Functions update
+their tensors in place and return nothing unless stated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# ----------------------------------------------------------------------------- MeZO
+
+
+def mezo_update_(theta: torch.Tensor, grad_dir: torch.Tensor, *, lr: float, weight_decay: float) -> None:
+    """ZO-SGD: θ ← θ − lr·(g + wd·θ), where ``grad_dir`` is the ZO gradient g = pg·z."""
+    if weight_decay:
+        theta.mul_(1.0 - lr * weight_decay)
+    theta.add_(grad_dir, alpha=-lr)
+
+
+# ----------------------------------------------------------------------------- HiZOO
+
+
+def hizoo_direction(z: torch.Tensor, hess: torch.Tensor) -> torch.Tensor:
+    """HiZOO perturbs and steps along z/√H."""
+    return z / hess.sqrt()
+
+
+def hizoo_hessian_update_(
+    hess: torch.Tensor, z: torch.Tensor, *, alpha: float, curvature: float, eps: float, floor: float
+) -> None:
+    """H ← (1−α)·H + α·|ℓ₊+ℓ₋−2ℓ₀|·H⊙z²/(2ε²), then H ← max(H, floor).
+
+    ``curvature`` is |ℓ₊ + ℓ₋ − 2ℓ₀|, measured along z/√H (official HiZOO form).
+    """
+    gain = alpha * curvature / (2.0 * eps * eps)
+    hess.mul_(z.square().mul_(gain).add_(1.0 - alpha))
+    if floor > 0:
+        hess.clamp_(min=floor)
+
+
+def hizoo_update_(
+    theta: torch.Tensor, z: torch.Tensor, hess: torch.Tensor, *, lr: float, proj_grad: float, weight_decay: float
+) -> None:
+    """θ ← θ − lr·(pg·z/√H + wd·θ), with the already-updated H."""
+    if weight_decay:
+        theta.mul_(1.0 - lr * weight_decay)
+    theta.addcdiv_(z, hess.sqrt(), value=-lr * proj_grad)
+
+
+# ----------------------------------------------------------------------------- HELENE
+
+
+def helene_alpha(step: int, *, beta1: float, anneal: str, horizon: float) -> float:
+    """Momentum weight of the current gradient at step t (0-based).
+
+    ``exp``:  α_t = β1 + (1 − β1)·exp(−t/T)  (reconstruction; starts at 1, decays to β1)
+    ``none``: α_t = 1 − β1                   (plain EMA)
+    """
+    if anneal == "exp":
+        return beta1 + (1.0 - beta1) * math.exp(-step / horizon)
+    if anneal == "none":
+        return 1.0 - beta1
+    raise ValueError(f"unknown HELENE annealing law {anneal!r} (expected 'exp' or 'none')")
+
+
+def helene_update_(
+    theta: torch.Tensor,
+    grad_dir: torch.Tensor,
+    momentum: torch.Tensor,
+    hess: torch.Tensor,
+    *,
+    lr: float,
+    alpha: float,
+    beta1: float,
+    beta2: float,
+    refresh_hessian: bool,
+    hessian_scale: float,
+    use_hessian: bool,
+    gamma: float,
+    clip_mode: str,
+    clip_lambda: float,
+    stab_eps: float,
+    weight_decay: float,
+) -> torch.Tensor:
+    """One HELENE step on a chunk. Returns the number of clipped coordinates (0-d int64 tensor).
+
+    m ← β1·m + α_t·g
+    every k-th step:  h ← β2·h + (1−β2)·c·g⊙g            (A-GNB from the same probe)
+    ``floor``: θ ← θ − lr·m / (γ·max(h, λ) + ε_s)
+    ``ratio``: θ ← θ − lr·clip(m / (γ·h + ε_s), −λ, λ)
+    ``none``:  θ ← θ − lr·m / (γ·h + ε_s)
+    With ``use_hessian=False`` the denominator's h is 1 (ablation: momentum SGD with clipping).
+    Decoupled weight decay: θ ← θ·(1 − lr·wd) first.
+    """
+    momentum.mul_(beta1).add_(grad_dir, alpha=alpha)
+    if refresh_hessian and use_hessian:
+        hess.mul_(beta2).addcmul_(grad_dir, grad_dir, value=(1.0 - beta2) * hessian_scale)
+    if weight_decay:
+        theta.mul_(1.0 - lr * weight_decay)
+    h = hess if use_hessian else torch.ones_like(momentum)
+    if clip_mode == "floor":
+        clipped = (h < clip_lambda).sum()
+        step = momentum / h.clamp(min=clip_lambda).mul_(gamma).add_(stab_eps)
+    elif clip_mode == "ratio":
+        step = momentum / (gamma * h + stab_eps)
+        clipped = (step.abs() > clip_lambda).sum()
+        step.clamp_(-clip_lambda, clip_lambda)
+    elif clip_mode == "none":
+        step = momentum / (gamma * h + stab_eps)
+        clipped = torch.zeros((), dtype=torch.int64, device=theta.device)
+    else:
+        raise ValueError(f"unknown HELENE clip mode {clip_mode!r} (expected 'floor', 'ratio' or 'none')")
+    theta.add_(step, alpha=-lr)
+    return clipped
