@@ -58,7 +58,8 @@ void zo_philox_normal(uint64_t start, int64_t n, uint32_t k0, uint32_t k1, uint3
     if (n <= 0) return;
     const uint64_t end = start + (uint64_t)n;
     const int64_t t_first = (int64_t)(start / TILE), t_last = (int64_t)((end - 1) / TILE);
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+    /* small ranges stay on the calling thread: a thread team costs more than it saves */
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= (1 << 16))
     for (int64_t t = t_first; t <= t_last; ++t) {
         uint64_t t0 = (uint64_t)t * TILE;
         if (t0 >= start && t0 + TILE <= end) {

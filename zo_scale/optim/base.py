@@ -22,6 +22,7 @@ from zo_scale import rng
 from zo_scale.shards import ShardView, detect_backend
 
 STATE_FORMAT = "zo_scale.optimizer.v1"
+FULL_PRECISION = (torch.float32, torch.float64)  # updated in place; anything else goes through fp32
 
 
 class NonFiniteLossError(RuntimeError):
@@ -111,7 +112,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_stats: StepStats | None = None
         self._offset = 0  # current perturbation, in units of ε along the current direction
         if master_weights is None:  # an fp32 master wherever weights are low precision
-            master_weights = any(v.local.dtype != torch.float32 for v in self.views)
+            master_weights = any(v.local.dtype not in FULL_PRECISION for v in self.views)
         self.master_weights = master_weights
         self.shard_state: dict[str, dict[str, torch.Tensor]] = {}
         for v in self.views:
@@ -171,7 +172,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 else:
                     local.copy_(master[lo:hi] + (offset * eps) * d)
             else:
-                local.add_(d.to(local.dtype) if local.dtype != torch.float32 else d, alpha=delta * eps)
+                local.add_(d.to(local.dtype), alpha=delta * eps)
         self.backend.finish_edit()
         self._offset = offset
 
@@ -235,7 +236,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             stats.skipped = True
         else:
-            scalars = self._before_update({"plus": plus, "minus": minus, "zero": loss_zero, "proj_grads": pgs})
+            try:
+                scalars = self._before_update({"plus": plus, "minus": minus, "zero": loss_zero, "proj_grads": pgs})
+            except Exception:
+                self._move_to(0, self.n_samples - 1)  # never leave the weights perturbed
+                raise
             clipped, total = self._restore_and_update(pgs, scalars)
             stats.extra = self._extra_stats(scalars, clipped, total)
         self.step_count += 1
@@ -255,7 +260,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             master = st.get("master")
             if master is not None:
                 theta = master[lo:hi]  # the master never saw the perturbation
-            elif local.dtype == torch.float32:
+            elif local.dtype in FULL_PRECISION:
                 theta = local
                 theta.add_(self._direction(view, lo, hi, zs[last]), alpha=-self._offset * eps)
             else:  # low-precision weights without master: lossy, but still one pass
@@ -281,9 +286,9 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ helpers for subclasses
 
-    def _grad_dir(self, zs: list[torch.Tensor], pgs: list[float]) -> torch.Tensor:
-        """The ZO gradient estimate on this chunk: mean over samples of pg_j·z_j."""
-        g = zs[0] * (pgs[0] / len(zs))
+    def _grad_dir(self, zs: list[torch.Tensor], pgs: list[float], dtype: torch.dtype) -> torch.Tensor:
+        """The ZO gradient estimate on this chunk, in ``dtype``: mean over samples of pg_j·z_j."""
+        g = zs[0].to(dtype) * (pgs[0] / len(zs))
         for z, pg in zip(zs[1:], pgs[1:]):
             g.add_(z, alpha=pg / len(zs))
         return g

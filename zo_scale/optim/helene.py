@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from zo_scale.optim.base import ZOOptimizer
+from zo_scale.optim.base import FULL_PRECISION, ZOOptimizer
 from zo_scale.optim.updates import helene_alpha, helene_update_
 
 CLIP_MODES = ("floor", "ratio", "none")
@@ -30,10 +30,12 @@ class HELENE(ZOOptimizer):
       beta1 [0.9], beta2 [0.99]         momentum and Hessian EMA factors
       anneal ['exp'|'none'], anneal_horizon T [100 steps]
       hessian_interval k [1]            refresh h every k steps
-      hessian_scale c [1.0]             ĥ = c·g⊙g
+      hessian_scale c ['loss' | float]  ĥ = c·g⊙g; 'loss': c = 1/(2ℓ), the Gauss–Newton scale for a
+                                        loss ~ ½r² (g⊙g/(2ℓ) is exactly the curvature of one squared
+                                        residual), which makes m/h a Newton-like step; needs ℓ > 0
       use_hessian [True]                False: h ≡ 1 in the denominator (ablation)
       gamma γ [1.0]
-      clip_mode ['floor'|'ratio'|'none'], clip_lambda λ [1.0]
+      clip_mode ['ratio'|'floor'|'none'], clip_lambda λ [1.0]
       lambda_rule ['uniform'|'sqrt_numel']  λ_i = λ, or λ·√(n_i / mean n) per tensor
       stab_eps ε_s [1e-8], weight_decay [0.0] (decoupled; skips 1-D tensors unless decay_1d)
       state_dtype [torch.float32]       dtype of m and h
@@ -53,10 +55,10 @@ class HELENE(ZOOptimizer):
         anneal: str = "exp",
         anneal_horizon: float = 100.0,
         hessian_interval: int = 1,
-        hessian_scale: float = 1.0,
+        hessian_scale: float | str = "loss",
         use_hessian: bool = True,
         gamma: float = 1.0,
-        clip_mode: str = "floor",
+        clip_mode: str = "ratio",
         clip_lambda: float = 1.0,
         lambda_rule: str = "uniform",
         stab_eps: float = 1e-8,
@@ -69,6 +71,8 @@ class HELENE(ZOOptimizer):
             raise ValueError(f"zo_scale: HELENE clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
         if lambda_rule not in LAMBDA_RULES:
             raise ValueError(f"zo_scale: HELENE lambda_rule must be one of {LAMBDA_RULES}, got {lambda_rule!r}")
+        if not (hessian_scale == "loss" or (isinstance(hessian_scale, (int, float)) and hessian_scale > 0)):
+            raise ValueError(f"zo_scale: HELENE hessian_scale must be 'loss' or a positive number, got {hessian_scale!r}")
         if hessian_interval < 1 or anneal_horizon <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
             raise ValueError("zo_scale: HELENE needs hessian_interval >= 1, anneal_horizon > 0, 0 <= beta1, beta2 < 1")
         super().__init__(
@@ -99,7 +103,16 @@ class HELENE(ZOOptimizer):
 
     def _before_update(self, losses):
         group = self.param_groups[0]
+        scale = group["hessian_scale"]
+        if scale == "loss":
+            loss = (sum(losses["plus"]) + sum(losses["minus"])) / (2 * len(losses["plus"]))
+            if loss <= 0:
+                raise ValueError(
+                    f"zo_scale: HELENE hessian_scale='loss' needs a positive loss, got {loss}; set a number instead"
+                )
+            scale = 1.0 / (2.0 * loss)
         return {
+            "hessian_scale": scale,
             "alpha": helene_alpha(
                 self.step_count, beta1=group["beta1"], anneal=group["anneal"], horizon=group["anneal_horizon"]
             ),
@@ -110,11 +123,11 @@ class HELENE(ZOOptimizer):
         group = self.param_groups[0]
         st = self.shard_state[view.name]
         m, h = st["momentum"][lo:hi], st["hessian"][lo:hi]
-        low_precision = m.dtype != torch.float32
+        low_precision = m.dtype not in FULL_PRECISION
         m32, h32 = (m.float(), h.float()) if low_precision else (m, h)
         clipped = helene_update_(
             theta,
-            self._grad_dir(zs, pgs),
+            self._grad_dir(zs, pgs, theta.dtype),
             m32,
             h32,
             lr=group["lr"],
@@ -122,7 +135,7 @@ class HELENE(ZOOptimizer):
             beta1=group["beta1"],
             beta2=group["beta2"],
             refresh_hessian=scalars["refresh"],
-            hessian_scale=group["hessian_scale"],
+            hessian_scale=scalars["hessian_scale"],
             use_hessian=group["use_hessian"],
             gamma=group["gamma"],
             clip_mode=group["clip_mode"],

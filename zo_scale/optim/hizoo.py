@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from zo_scale.optim.base import ZOOptimizer
+from zo_scale.optim.base import FULL_PRECISION, ZOOptimizer
 from zo_scale.optim.updates import hizoo_direction, hizoo_hessian_update_, hizoo_update_
 
 
@@ -57,7 +57,8 @@ class HiZOO(ZOOptimizer):
 
     def _direction(self, view, lo, hi, z):
         hess = self.shard_state[view.name]["hessian"][lo:hi]
-        return hizoo_direction(z, hess.float())
+        hess = hess if hess.dtype in FULL_PRECISION else hess.float()
+        return hizoo_direction(z.to(hess.dtype), hess)
 
     def _hessian_alpha(self) -> float:
         group = self.param_groups[0]
@@ -73,13 +74,13 @@ class HiZOO(ZOOptimizer):
     def _update_chunk(self, view, lo, hi, theta, zs, pgs, scalars):
         group = self.param_groups[0]
         state = self.shard_state[view.name]["hessian"]
-        hess = state[lo:hi] if state.dtype == torch.float32 else state[lo:hi].float()
+        hess = state[lo:hi] if state.dtype in FULL_PRECISION else state[lo:hi].float()
         hizoo_hessian_update_(
-            hess, zs[0], alpha=scalars["alpha"], curvature=scalars["curvature"], eps=group["eps"],
+            hess, zs[0].to(hess.dtype), alpha=scalars["alpha"], curvature=scalars["curvature"], eps=group["eps"],
             floor=group["hessian_floor"],
         )
         wd = group["weight_decay"] if self._decays(view) else 0.0
-        hizoo_update_(theta, zs[0], hess, lr=group["lr"], proj_grad=pgs[0], weight_decay=wd)
+        hizoo_update_(theta, zs[0].to(theta.dtype), hess, lr=group["lr"], proj_grad=pgs[0], weight_decay=wd)
         if hess.data_ptr() != state[lo:hi].data_ptr():
             state[lo:hi].copy_(hess)
 

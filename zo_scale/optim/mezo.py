@@ -19,4 +19,4 @@ class MeZO(ZOOptimizer):
     def _update_chunk(self, view, lo, hi, theta, zs, pgs, scalars):
         group = self.param_groups[0]
         wd = group["weight_decay"] if self._decays(view) else 0.0
-        mezo_update_(theta, self._grad_dir(zs, pgs), lr=group["lr"], weight_decay=wd)
+        mezo_update_(theta, self._grad_dir(zs, pgs, theta.dtype), lr=group["lr"], weight_decay=wd)
