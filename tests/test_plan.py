@@ -1,0 +1,122 @@
+"""The memory planner: known numbers, monotonic in GPU count, clear refusals, config reading."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from zo_scale.plan import GIB, MODELS, PlanError, main, plan, read_config, resolve_model
+
+
+def test_parameter_counts_match_transformers():
+    # numbers from transformers' OPTForCausalLM / LlamaForCausalLM on the meta device
+    assert MODELS["opt-125m"].param_count() == 125_239_296
+    assert MODELS["opt-350m"].param_count() == 331_196_416
+    assert MODELS["opt-1.3b"].param_count() == 1_315_758_080
+    assert MODELS["opt-66b"].param_count() == 65_719_701_504
+    assert MODELS["llama-2-7b"].param_count() == 6_738_415_616
+    assert MODELS["llama-2-70b"].param_count() == 68_976_648_192
+
+
+def test_opt66b_zero3_eight_gpus():
+    p = plan("opt-66b", 8, dtype="bf16", backend="zero3", optimizer="helene", state_dtype="fp32")
+    assert p.parts["weight shard"] == pytest.approx(66e9 * 2 / 8, rel=0.01)
+    assert p.parts["fp32 master shard"] == pytest.approx(66e9 * 4 / 8, rel=0.01)
+    assert p.parts["optimizer state (fp32)"] == pytest.approx(2 * 66e9 * 4 / 8, rel=0.01)
+    # the largest gathered module is the 50272 × 9216 embedding, plus a 5e7-element bucket
+    assert p.parts["gathered parameters"] >= (50272 * 9216 + 50_000_000) * 2
+    assert p.parts["logits + loss"] == 16 * 256 * 50272 * (2 + 8)
+    assert not p.fits  # 18 B per parameter over 8 GPUs is > 80 GiB
+    lean = plan("opt-66b", 8, optimizer="helene", state_dtype="bf16", master=False)
+    assert lean.fits and lean.total_bytes < 60 * GIB
+    assert plan("opt-66b", 8, optimizer="mezo").fits
+
+
+def test_state_by_optimizer_and_master_default():
+    kw = dict(dtype="bf16", state_dtype="fp32")
+    mezo, hizoo, helene = (plan("opt-1.3b", 1, optimizer=o, **kw) for o in ("mezo", "hizoo", "helene"))
+    n = MODELS["opt-1.3b"].param_count()
+    assert [x.parts["optimizer state (fp32)"] for x in (mezo, hizoo, helene)] == [0, 4 * n, 8 * n]
+    assert mezo.master and mezo.parts["fp32 master shard"] == 4 * n
+    fp32 = plan("opt-1.3b", 1, dtype="fp32", optimizer="mezo")
+    assert not fp32.master and fp32.parts["fp32 master shard"] == 0
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("model", ["opt-13b", "llama-2-70b"])
+def test_monotonic_in_gpu_count(backend, model):
+    totals = [plan(model, g, backend=backend).total_bytes for g in (1, 2, 4, 8, 16, 64)]
+    shards = [plan(model, g, backend=backend).parts["weight shard"] for g in (2, 4, 8, 16, 64)]
+    assert all(a >= b for a, b in zip(totals, totals[1:]))
+    assert all(a > b for a, b in zip(shards, shards[1:]))
+
+
+def test_fsdp2_gathers_two_layer_units():
+    shape = MODELS["opt-66b"]
+    p = plan("opt-66b", 8, backend="fsdp2")
+    assert p.parts["gathered parameters"] == 2 * shape.layer_params() * 2
+    assert plan("opt-66b", 1, backend="replicated").parts["gathered parameters"] == 0
+
+
+def test_eager_attention_costs_more_than_sdpa():
+    eager = plan("opt-1.3b", 1, batch=16, seq=2048, attention="eager")
+    sdpa = plan("opt-1.3b", 1, batch=16, seq=2048, attention="sdpa")
+    assert eager.parts["activations (no-grad forward)"] > sdpa.parts["activations (no-grad forward)"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(model="opt-66b", gpus=0), "gpus must be a positive integer"),
+        (dict(model="opt-66b", gpus=2.5), "gpus must be a positive integer"),
+        (dict(model="opt-66b", gpus=8, batch=-1), "batch must be a positive integer"),
+        (dict(model="opt-66b", gpus=8, dtype="fp8"), "unknown dtype"),
+        (dict(model="opt-66b", gpus=8, optimizer="adam"), "unknown optimizer"),
+        (dict(model="opt-66b", gpus=8, backend="zero2"), "unknown backend"),
+        (dict(model="opt-66b", gpus=8, seq=4096), "exceeds opt-66b's 2048 positions"),
+        (dict(model="opt-66b", gpus=8, gpu_mem_gib=0), "gpu memory must be positive"),
+        (dict(model="gpt-5", gpus=8), "unknown model"),
+    ],
+)
+def test_refuses_nonsense(kwargs, message):
+    model, gpus = kwargs.pop("model"), kwargs.pop("gpus")
+    with pytest.raises(PlanError, match=message):
+        plan(model, gpus, **kwargs)
+
+
+def test_model_names_and_hf_config(tmp_path):
+    assert resolve_model("facebook/opt-66b") is MODELS["opt-66b"]
+    assert resolve_model("meta-llama/Llama-2-70b-hf") is MODELS["llama-2-70b"]
+    cfg = {"model_type": "opt", "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32,
+           "ffn_dim": 8192, "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 2048}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert resolve_model(tmp_path).param_count() == MODELS["opt-1.3b"].param_count()
+    assert resolve_model(tmp_path / "config.json").param_count() == MODELS["opt-1.3b"].param_count()
+
+
+def test_config_file_and_flags(tmp_path, capsys):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": {"name": "opt-13b"}, "dtype": "bf16", "backend": "fsdp2",
+                               "optimizer": {"name": "hizoo", "state_dtype": "bf16"},
+                               "data": {"batch_size": 8, "max_length": 512}, "unrelated": 1}))
+    kw = read_config(cfg)
+    assert kw == {"model": "opt-13b", "dtype": "bf16", "backend": "fsdp2", "optimizer": "hizoo",
+                  "state_dtype": "bf16", "batch": 8, "seq": 512}
+    assert main(["--config", str(cfg), "--gpus", "4", "--optimizer", "mezo", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["optimizer"], out["backend"], out["batch"], out["seq"], out["gpus"]) == ("mezo", "fsdp2", 8, 512, 4)
+    assert main(["--config", str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_runs_as_module():
+    proc = subprocess.run([sys.executable, "-m", "zo_scale.plan", "--model", "opt-66b", "--gpus", "8",
+                           "--optimizer", "mezo"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "weight shard" in proc.stdout and "FITS" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "zo_scale.plan", "--gpus", "8"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "say which model" in bad.stderr

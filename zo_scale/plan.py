@@ -1,0 +1,400 @@
+"""Per-GPU memory plan for a ZO fine-tuning run: will it fit, and where do the bytes go?
+
+    python -m zo_scale.plan --model opt-66b --gpus 8 --backend zero3 --optimizer helene
+    python -m zo_scale.plan --config configs/opt66b.json --gpus 8
+
+A ZO step needs no gradients and no activations kept for a backward pass, so a GPU holds: its
+weight shard, the parameters the engine gathers for the layer being run (plus prefetch), the
+activations of one layer's no-grad forward and the logits, the optimizer's per-coordinate state
+and fp32 master shard, and one z chunk. ``plan()`` adds these up; the CLI prints them.
+Estimates, not measurements: bench/step_bench.py measures peak memory on a real GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GIB = 1 << 30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+STATE_TENSORS = {"mezo": 0, "hizoo": 1, "helene": 2}  # per-coordinate tensors each optimizer keeps
+BACKENDS = ("zero3", "fsdp2", "replicated")
+BACKEND_ALIASES = {"deepspeed": "zero3", "zero-3": "zero3", "ds": "zero3", "fsdp": "fsdp2", "ddp": "replicated",
+                   "single": "replicated", "none": "replicated"}
+
+
+class PlanError(ValueError):
+    """An input the planner refuses, with a message saying why."""
+
+
+# ---------------------------------------------------------------------------------- model shapes
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    family: str  # "opt": fc1/fc2 MLP with biases; "llama": gated MLP, no biases, RMSNorm
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    vocab: int
+    max_positions: int
+    kv_heads: int = 0  # 0: same as heads
+    proj_dim: int = 0  # OPT word_embed_proj_dim when it differs from hidden (opt-350m)
+    tied_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer."""
+        h, f = self.hidden, self.ffn
+        kv = (self.kv_heads or self.heads) * self.head_dim
+        if self.family == "opt":
+            return 4 * (h * h + h) + (h * f + f) + (f * h + h) + 4 * h  # q,k,v,o; fc1; fc2; 2 LayerNorms
+        return 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h  # q,o; k,v; gate,up,down; 2 RMSNorms
+
+    def layer_modules(self) -> list[int]:
+        """Parameters of each leaf module of one layer (what ZeRO-3 gathers at a time)."""
+        h, f = self.hidden, self.ffn
+        kv = (self.kv_heads or self.heads) * self.head_dim
+        if self.family == "opt":
+            return [h * h + h] * 4 + [h * f + f, f * h + h, 2 * h, 2 * h]
+        return [h * h, h * kv, h * kv, h * h, h * f, h * f, f * h, h, h]
+
+    def outer_modules(self) -> list[int]:
+        """Parameters outside the layers, module by module: embeddings, projections, final norm, head."""
+        h, v = self.hidden, self.vocab
+        if self.family == "opt":
+            p = self.proj_dim or h
+            mods = [v * p, (self.max_positions + 2) * h]  # OPT's learned positions have an offset of 2
+            if p != h:
+                mods += [h * p, p * h]  # project_in / project_out
+            else:
+                mods.append(2 * h)  # final LayerNorm (opt-350m has none)
+        else:
+            mods = [v * h, h]  # embeddings, final RMSNorm
+        if not self.tied_embeddings:
+            mods.append(v * h)
+        return mods
+
+    def param_count(self) -> int:
+        return self.layers * self.layer_params() + sum(self.outer_modules())
+
+
+def _opt(name, h, layers, heads, ffn, proj=0):
+    return ModelShape(name, "opt", h, layers, heads, ffn, 50272, 2048, proj_dim=proj)
+
+
+def _llama(name, h, layers, heads, ffn, kv=0):
+    return ModelShape(name, "llama", h, layers, heads, ffn, 32000, 4096, kv_heads=kv, tied_embeddings=False)
+
+
+MODELS = {
+    m.name: m
+    for m in [
+        _opt("opt-125m", 768, 12, 12, 3072),
+        _opt("opt-350m", 1024, 24, 16, 4096, proj=512),
+        _opt("opt-1.3b", 2048, 24, 32, 8192),
+        _opt("opt-2.7b", 2560, 32, 32, 10240),
+        _opt("opt-6.7b", 4096, 32, 32, 16384),
+        _opt("opt-13b", 5120, 40, 40, 20480),
+        _opt("opt-30b", 7168, 48, 56, 28672),
+        _opt("opt-66b", 9216, 64, 72, 36864),
+        _llama("llama-2-7b", 4096, 32, 32, 11008),
+        _llama("llama-2-13b", 5120, 40, 40, 13824),
+        _llama("llama-2-70b", 8192, 80, 64, 28672, kv=8),
+    ]
+}
+
+
+def shape_from_hf_config(cfg: dict, name: str = "custom") -> ModelShape:
+    """A ModelShape from a transformers config dict (OPT, or any Llama-like gated-MLP model)."""
+    try:
+        h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        vocab = cfg["vocab_size"]
+    except KeyError as err:
+        raise PlanError(f"transformers config {name!r} lacks {err.args[0]!r}") from None
+    if cfg.get("model_type") == "opt":
+        proj = cfg.get("word_embed_proj_dim", h)
+        return ModelShape(name, "opt", h, layers, heads, cfg["ffn_dim"], vocab, cfg.get("max_position_embeddings", 2048),
+                          proj_dim=0 if proj == h else proj, tied_embeddings=cfg.get("tie_word_embeddings", True))
+    ffn = cfg.get("intermediate_size")
+    if ffn is None:
+        raise PlanError(f"config {name!r} (model_type {cfg.get('model_type')!r}): no intermediate_size; "
+                        "only OPT and Llama-like models are modelled")
+    return ModelShape(name, "llama", h, layers, heads, ffn, vocab, cfg.get("max_position_embeddings", 4096),
+                      kv_heads=cfg.get("num_key_value_heads") or heads,
+                      tied_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+def resolve_model(spec) -> ModelShape:
+    """A known name ('opt-66b', 'facebook/opt-66b', 'meta-llama/Llama-2-70b-hf'), a transformers
+    config.json (or a directory holding one), a config dict, or a ModelShape."""
+    if isinstance(spec, ModelShape):
+        return spec
+    if isinstance(spec, dict):
+        return shape_from_hf_config(spec)
+    key = str(spec).strip().lower().split("/")[-1].removesuffix("-hf")
+    if key in MODELS:
+        return MODELS[key]
+    path = Path(str(spec))
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            return shape_from_hf_config(json.loads(path.read_text()), name=path.parent.name or path.stem)
+        except json.JSONDecodeError as err:
+            raise PlanError(f"{path} is not valid JSON: {err}") from None
+    raise PlanError(f"unknown model {spec!r}: use one of {', '.join(MODELS)} or a transformers config.json path")
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    model: str
+    params: int
+    gpus: int
+    backend: str
+    dtype: str
+    optimizer: str
+    state_dtype: str
+    master: bool
+    batch: int
+    seq: int
+    gpu_mem_bytes: int
+    # per-GPU bytes, one entry per line of the report
+    parts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.gpu_mem_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.gpu_mem_bytes - self.total_bytes
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(total_bytes=self.total_bytes, fits=self.fits, headroom_bytes=self.headroom_bytes)
+        return d
+
+    def report(self) -> str:
+        state = f"{STATE_TENSORS[self.optimizer]}×{self.state_dtype} state" if STATE_TENSORS[self.optimizer] else "no state"
+        lines = [
+            f"zo_scale memory plan: {self.model} ({self.params / 1e9:.2f} B params), {self.dtype} weights, "
+            f"{self.backend} on {self.gpus} GPU{'s' if self.gpus > 1 else ''}",
+            f"  optimizer {self.optimizer} ({state}, {'fp32 master' if self.master else 'no master'}), "
+            f"micro-batch {self.batch} × seq {self.seq} per GPU",
+            "",
+            f"  {'per GPU':<34}{'GiB':>10}",
+        ]
+        lines += [f"  {k:<34}{v / GIB:>10.2f}" for k, v in self.parts.items()]
+        lines += [f"  {'-' * 44}", f"  {'total':<34}{self.total_bytes / GIB:>10.2f}",
+                  f"  {'GPU memory':<34}{self.gpu_mem_bytes / GIB:>10.2f}"]
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        lines.append(f"  {verdict}: headroom {self.headroom_bytes / GIB:.2f} GiB")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _norm(value, aliases, allowed, what):
+    v = aliases.get(str(value).lower(), str(value).lower())
+    if v not in allowed:
+        raise PlanError(f"unknown {what} {value!r}: expected one of {', '.join(allowed)}")
+    return v
+
+
+def _positive_int(value, what) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlanError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def plan(
+    model,
+    gpus: int,
+    *,
+    dtype: str = "bf16",
+    optimizer: str = "helene",
+    batch: int = 16,
+    seq: int = 256,
+    backend: str = "zero3",
+    master: bool | None = None,
+    state_dtype: str = "fp32",
+    gpu_mem_gib: float = 80.0,
+    chunk: int = 1 << 22,
+    prefetch_bucket: int = 50_000_000,
+    persistence_threshold: int = 100_000,
+    attention: str = "eager",
+    reserve_gib: float = 1.0,
+) -> Plan:
+    """Per-GPU bytes of a ZO run. ``batch`` is the micro-batch each GPU runs its forwards on;
+    ``prefetch_bucket`` and ``persistence_threshold`` are ZeRO-3's stage3_* settings in elements;
+    ``attention`` 'eager' materialises B·heads·S² scores, 'sdpa' (flash/memory-efficient) does not;
+    ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack."""
+    shape = resolve_model(model)
+    gpus = _positive_int(gpus, "gpus")
+    batch, seq = _positive_int(batch, "batch"), _positive_int(seq, "seq")
+    dtype = _norm(dtype, DTYPE_ALIASES, tuple(DTYPE_BYTES), "dtype")
+    state_dtype = _norm(state_dtype, DTYPE_ALIASES, tuple(DTYPE_BYTES), "state dtype")
+    optimizer = _norm(optimizer, {}, tuple(STATE_TENSORS), "optimizer")
+    backend = _norm(backend, BACKEND_ALIASES, BACKENDS, "backend")
+    attention = _norm(attention, {"flash": "sdpa"}, ("eager", "sdpa"), "attention")
+    if seq > shape.max_positions:
+        raise PlanError(f"seq {seq} exceeds {shape.name}'s {shape.max_positions} positions")
+    if not gpu_mem_gib > 0:
+        raise PlanError(f"gpu memory must be positive, got {gpu_mem_gib} GiB")
+    if chunk < 1 or prefetch_bucket < 0 or persistence_threshold < 0 or reserve_gib < 0:
+        raise PlanError("chunk must be >= 1; prefetch bucket, persistence threshold and reserve >= 0")
+    if master is None:  # as the optimizers default: a master wherever weights are low precision
+        master = dtype != "fp32"
+
+    wb, sb = DTYPE_BYTES[dtype], DTYPE_BYTES[state_dtype]
+    n = shape.param_count()
+    shard = -(-n // gpus) if backend != "replicated" else n  # elements this GPU owns
+    p = Plan(shape.name, n, gpus, backend, dtype, optimizer, state_dtype, bool(master), batch, seq,
+             int(gpu_mem_gib * GIB))
+    p.parts["weight shard"] = shard * wb
+    p.parts["gathered parameters"] = _gathered(shape, backend, gpus, wb, prefetch_bucket, persistence_threshold, p.notes)
+    p.parts["activations (no-grad forward)"] = _activations(shape, batch, seq, wb, attention)
+    p.parts["logits + loss"] = batch * seq * shape.vocab * (wb + 4 + 4)  # logits, fp32 copy, log-softmax
+    p.parts[f"optimizer state ({state_dtype})"] = STATE_TENSORS[optimizer] * shard * sb
+    p.parts["fp32 master shard"] = 4 * shard if master else 0
+    p.parts["z chunk (fp32)"] = 4 * min(chunk, shard)
+    p.parts["runtime reserve"] = int(reserve_gib * GIB)
+    if master and dtype == "fp32":
+        p.notes.append("a master copy of fp32 weights duplicates them; pass --no-master")
+    if not master and dtype != "fp32":
+        p.notes.append("no master: updates below the weight dtype's resolution round away")
+    return p
+
+
+def _gathered(shape, backend, gpus, wb, bucket, persist, notes) -> int:
+    """Bytes of full (unsharded) parameters alive at once during a forward, beyond the shard."""
+    if backend == "replicated" or gpus == 1:
+        return 0
+    layer_mods = shape.layer_modules()
+    outer = shape.outer_modules()
+    if backend == "zero3":
+        # ZeRO-3 gathers module by module; the largest one plus the prefetch bucket are live, and
+        # parameters at or below the persistence threshold stay gathered on every rank for good.
+        largest = max(layer_mods + outer)
+        persistent = sum(m for m in layer_mods if m <= persist) * shape.layers + sum(m for m in outer if m <= persist)
+        notes.append(f"ZeRO-3: largest module {largest / 1e6:.0f} M elements + prefetch bucket "
+                     f"{bucket / 1e6:.0f} M + {persistent / 1e6:.1f} M persistent small parameters")
+        return (largest + bucket + persistent) * wb
+    # FSDP2: one unit per decoder layer plus the root (embeddings, norm, head); the unit being run
+    # and the one prefetched are unsharded together.
+    unit = max(shape.layer_params(), sum(outer))
+    return 2 * unit * wb
+
+
+def _activations(shape, b, s, wb, attention) -> int:
+    """Peak live activations of a no-grad forward: the residual stream, plus one layer's attention
+    or MLP working set at a time (layers run one after another and free their temporaries)."""
+    h, f, heads = shape.hidden, shape.ffn, shape.heads
+    kv = (shape.kv_heads or heads) * shape.head_dim
+    tokens = b * s
+    residual = 2 * tokens * h * wb  # hidden states and the residual branch
+    attn = tokens * (h + 2 * kv + h) * wb  # q, k, v, attention output
+    if attention == "eager":
+        attn += 2 * b * heads * s * s * wb  # scores and probabilities
+    mlp_width = 2 * f if shape.family == "opt" else 3 * f  # fc1 out + activation / gate, up, product
+    mlp = tokens * mlp_width * wb
+    return residual + max(attn, mlp)
+
+
+# ---------------------------------------------------------------------------------- config + CLI
+
+
+def read_config(path) -> dict:
+    """The planner's inputs from a zo_scale run config; keys it does not know are ignored."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PlanError(f"config {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise PlanError(f"config {path} is not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        raise PlanError(f"config {path} must hold a JSON object")
+    out = {}
+    model = cfg.get("model")
+    if isinstance(model, dict):
+        model = model.get("name") or model.get("name_or_path") or model.get("config")
+    if model is not None:
+        out["model"] = model
+    for key in ("dtype", "backend", "gpus"):
+        if key in cfg:
+            out[key] = cfg[key]
+    opt = cfg.get("optimizer")
+    if isinstance(opt, dict):
+        opt = opt.get("name") or opt.get("type")
+        if "state_dtype" in cfg["optimizer"]:
+            out["state_dtype"] = cfg["optimizer"]["state_dtype"]
+        if "master_weights" in cfg["optimizer"]:
+            out["master"] = cfg["optimizer"]["master_weights"]
+    if opt is not None:
+        out["optimizer"] = opt
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    if "batch" in cfg or "batch_size" in data:
+        out["batch"] = cfg.get("batch", data.get("batch_size"))
+    if "max_length" in data:
+        out["seq"] = data["max_length"]
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m zo_scale.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="a zo_scale run config (JSON); explicit flags override it")
+    ap.add_argument("--model", help=f"{', '.join(MODELS)} or a transformers config.json")
+    ap.add_argument("--gpus", type=int, help="GPUs sharing the model (default 1)")
+    ap.add_argument("--dtype", help="weight dtype: bf16 (default), fp16, fp32")
+    ap.add_argument("--optimizer", help="helene (default), hizoo, mezo")
+    ap.add_argument("--batch", type=int, help="micro-batch per GPU (default 16)")
+    ap.add_argument("--seq", type=int, help="sequence length (default 256)")
+    ap.add_argument("--backend", help="zero3 (default), fsdp2, replicated")
+    ap.add_argument("--master", action=argparse.BooleanOptionalAction, default=None,
+                    help="fp32 master shard (default: when weights are not fp32)")
+    ap.add_argument("--state-dtype", help="dtype of optimizer state: fp32 (default), bf16")
+    ap.add_argument("--gpu-mem-gib", type=float, help="memory per GPU in GiB (default 80)")
+    ap.add_argument("--attention", help="eager (default: B·heads·S² scores) or sdpa")
+    ap.add_argument("--chunk", type=int, help="z chunk in elements (default 4194304)")
+    ap.add_argument("--prefetch-bucket", type=int, help="ZeRO-3 stage3_prefetch_bucket_size (elements, default 5e7)")
+    ap.add_argument("--reserve-gib", type=float, help="CUDA context, NCCL, allocator slack (default 1)")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        kw = read_config(args.config) if args.config else {}
+        flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "json")}
+        kw.update(flags)
+        if "model" not in kw:
+            raise PlanError("say which model: --model NAME|config.json, or --config with a 'model' key")
+        kw.setdefault("gpus", 1)
+        result = plan(kw.pop("model"), kw.pop("gpus"), **kw)
+    except PlanError as err:
+        print(f"zo_scale.plan: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.report())
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
