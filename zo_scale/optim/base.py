@@ -132,6 +132,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The perturbation direction for this chunk (z, or z/√H for HiZOO)."""
         return z
 
+    def _direction_hessian(self, view: ShardView) -> torch.Tensor | None:
+        """For the fused kernels: the H whose z/√H is the direction (HiZOO), else None."""
+        return None
+
+    def _fused_update(self, view: ShardView, pgs, scalars, restore: float) -> torch.Tensor | None:
+        """Restore + update of a whole shard by a fused kernel (see zo_scale.kernels)."""
+        raise NotImplementedError
+
     def _before_update(self, losses: dict) -> dict:
         """Scalars the per-chunk update needs, from the reduced losses. Same on every rank."""
         return {}
@@ -148,31 +156,59 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _stream(self, view: ShardView, sample: int) -> rng.ZStream:
         return rng.ZStream.make(self.seed, view.uid, self.step_count, sample)
 
-    def _chunks(self):
-        for view in self.views:
-            for lo in range(0, view.numel, self.chunk_size):
-                yield view, lo, min(lo + self.chunk_size, view.numel)
+    def _chunk_ranges(self, view: ShardView):
+        for lo in range(0, view.numel, self.chunk_size):
+            yield lo, min(lo + self.chunk_size, view.numel)
 
     def _z(self, view: ShardView, lo: int, hi: int, sample: int) -> torch.Tensor:
         return rng.normal_range(self._stream(view, sample), view.start + lo, hi - lo, device=view.local.device)
+
+    def _uses_kernels(self, view: ShardView) -> bool:
+        """Fused Triton kernels for this shard: on CUDA (or the CPU interpreter in tests)."""
+        if self._kernels_ok is None:
+            from zo_scale import kernels
+
+            self._kernels_ok = kernels.available() and self.n_samples <= kernels.MAX_SAMPLES
+        if not self._kernels_ok:
+            return False
+        from zo_scale import kernels
+
+        st = self.shard_state[view.name].values()
+        return (
+            (view.local.is_cuda or kernels.interpreter_enabled())
+            and view.local.dtype in kernels.DTYPES
+            and all(t.dtype in kernels.DTYPES for t in st)
+        )
+
+    _kernels_ok: bool | None = None
 
     def _move_to(self, offset: int, sample: int) -> None:
         """Set the weights to θ + offset·ε·d (master: written fresh; else: added in place)."""
         eps = self.param_groups[0]["eps"]
         delta = offset - self._offset
         self.backend.prepare_edit()
-        for view, lo, hi in self._chunks():
-            d = self._direction(view, lo, hi, self._z(view, lo, hi, sample))
-            local = view.local[lo:hi]
+        for view in self.views:
             master = self.shard_state[view.name].get("master")
-            if master is not None:
-                # cast(master ± εd) instead of accumulating: the restore is exact
-                if offset == 0:
-                    local.copy_(master[lo:hi])
+            if self._uses_kernels(view):
+                from zo_scale import kernels
+
+                z, hess = self._stream(view, sample), self._direction_hessian(view)
+                if master is not None:
+                    kernels.perturb_from_master_(view.local, master, z, view.start, offset * eps, hess=hess)
                 else:
-                    local.copy_(master[lo:hi] + (offset * eps) * d)
-            else:
-                local.add_(d.to(local.dtype), alpha=delta * eps)
+                    kernels.perturb_(view.local, z, view.start, delta * eps, hess=hess)
+                continue
+            for lo, hi in self._chunk_ranges(view):
+                d = self._direction(view, lo, hi, self._z(view, lo, hi, sample))
+                local = view.local[lo:hi]
+                if master is not None:
+                    # cast(master ± εd) instead of accumulating: the restore is exact
+                    if offset == 0:
+                        local.copy_(master[lo:hi])
+                    else:
+                        local.copy_(master[lo:hi] + (offset * eps) * d)
+                else:
+                    local.add_(d.to(local.dtype), alpha=delta * eps)
         self.backend.finish_edit()
         self._offset = offset
 
@@ -249,38 +285,39 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _restore_and_update(self, pgs: list[float], scalars: dict) -> tuple[float, float]:
         """One pass: restore θ from −εd to θ, then apply the update — z generated once."""
-        eps = self.param_groups[0]["eps"]
+        restore = -self._offset * self.param_groups[0]["eps"]
         last = self.n_samples - 1
-        clipped = torch.zeros((), dtype=torch.float64)
+        counts = []  # clipped-coordinate counts, kept on the device until the end (no syncs)
         self.backend.prepare_edit()
-        for view, lo, hi in self._chunks():
+        for view in self.views:
+            if self._uses_kernels(view):
+                counts.append(self._fused_update(view, pgs, scalars, restore))
+                continue
             st = self.shard_state[view.name]
-            local = view.local[lo:hi]
-            zs = [self._z(view, lo, hi, j) for j in range(self.n_samples)]
             master = st.get("master")
-            if master is not None:
-                theta = master[lo:hi]  # the master never saw the perturbation
-            elif local.dtype in FULL_PRECISION:
-                theta = local
-                theta.add_(self._direction(view, lo, hi, zs[last]), alpha=-self._offset * eps)
-            else:  # low-precision weights without master: lossy, but still one pass
-                theta = local.float()
-                theta.add_(self._direction(view, lo, hi, zs[last]), alpha=-self._offset * eps)
-            n = self._update_chunk(view, lo, hi, theta, zs, pgs, scalars)
-            if n is not None:
-                clipped += n.to(torch.float64).cpu()
-            if theta is not local:
-                local.copy_(theta)
+            for lo, hi in self._chunk_ranges(view):
+                local = view.local[lo:hi]
+                zs = [self._z(view, lo, hi, j) for j in range(self.n_samples)]
+                if master is not None:
+                    theta = master[lo:hi]  # the master never saw the perturbation
+                else:  # fp32/fp64 in place; low precision without master goes through fp32 (lossy)
+                    theta = local if local.dtype in FULL_PRECISION else local.float()
+                    theta.add_(self._direction(view, lo, hi, zs[last]), alpha=restore)
+                counts.append(self._update_chunk(view, lo, hi, theta, zs, pgs, scalars))
+                if theta is not local:
+                    local.copy_(theta)
         self.backend.finish_edit()
         self._offset = 0
         total = float(sum(v.numel for v in self.views))
-        if self.reports_clipping:
-            counts = torch.stack([clipped, torch.tensor(total, dtype=torch.float64)]).to(self.backend.loss_device())
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-                dist.all_reduce(counts, group=self.process_group)
-            clipped_f, total = counts.tolist()
-            return clipped_f, total
-        return 0.0, total
+        if not self.reports_clipping:
+            return 0.0, total
+        device = self.backend.loss_device()
+        clipped = sum((c.to(device, torch.float64) for c in counts if c is not None), torch.zeros((), dtype=torch.float64, device=device))
+        both = torch.stack([clipped, torch.tensor(total, dtype=torch.float64, device=device)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            dist.all_reduce(both, group=self.process_group)
+        clipped_f, total = both.tolist()
+        return clipped_f, total
 
     reports_clipping = False
 

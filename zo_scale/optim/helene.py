@@ -148,5 +148,33 @@ class HELENE(ZOOptimizer):
             h.copy_(h32)
         return clipped
 
+    def _fused_update(self, view, pgs, scalars, restore):
+        from zo_scale import kernels
+
+        group = self.param_groups[0]
+        st = self.shard_state[view.name]
+        return kernels.helene_restore_update_(
+            view.local,
+            st["momentum"],
+            st["hessian"],
+            [self._stream(view, j) for j in range(self.n_samples)],
+            view.start,
+            pgs=pgs,
+            restore=restore,
+            lr=group["lr"],
+            alpha=scalars["alpha"],
+            beta1=group["beta1"],
+            beta2=group["beta2"],
+            refresh_hessian=scalars["refresh"],
+            hessian_scale=scalars["hessian_scale"],
+            use_hessian=group["use_hessian"],
+            gamma=group["gamma"],
+            clip_mode=group["clip_mode"],
+            clip_lambda=group["clip_lambda"] * self.layer_lambda_scale[view.name],
+            stab_eps=group["stab_eps"],
+            weight_decay=group["weight_decay"] if self._decays(view) else 0.0,
+            master=st.get("master"),
+        )
+
     def _extra_stats(self, scalars, clipped, total):
         return {"alpha": scalars["alpha"], "clip_fraction": clipped / total if total else 0.0}

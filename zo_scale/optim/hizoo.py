@@ -84,5 +84,29 @@ class HiZOO(ZOOptimizer):
         if hess.data_ptr() != state[lo:hi].data_ptr():
             state[lo:hi].copy_(hess)
 
+    def _direction_hessian(self, view):
+        return self.shard_state[view.name]["hessian"]
+
+    def _fused_update(self, view, pgs, scalars, restore):
+        from zo_scale import kernels
+
+        group = self.param_groups[0]
+        st = self.shard_state[view.name]
+        kernels.hizoo_restore_update_(
+            view.local,
+            st["hessian"],
+            self._stream(view, 0),
+            view.start,
+            proj_grad=pgs[0],
+            restore=restore,
+            lr=group["lr"],
+            alpha=scalars["alpha"],
+            curvature=scalars["curvature"],
+            eps=group["eps"],
+            floor=group["hessian_floor"],
+            weight_decay=group["weight_decay"] if self._decays(view) else 0.0,
+            master=st.get("master"),
+        )
+
     def _extra_stats(self, scalars, clipped, total):
         return {"hessian_alpha": scalars["alpha"], "curvature": scalars["curvature"]}

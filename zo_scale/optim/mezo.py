@@ -20,3 +20,18 @@ class MeZO(ZOOptimizer):
         group = self.param_groups[0]
         wd = group["weight_decay"] if self._decays(view) else 0.0
         mezo_update_(theta, self._grad_dir(zs, pgs, theta.dtype), lr=group["lr"], weight_decay=wd)
+
+    def _fused_update(self, view, pgs, scalars, restore):
+        from zo_scale import kernels
+
+        group = self.param_groups[0]
+        kernels.mezo_restore_update_(
+            view.local,
+            [self._stream(view, j) for j in range(self.n_samples)],
+            view.start,
+            pgs=pgs,
+            restore=restore,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"] if self._decays(view) else 0.0,
+            master=self.shard_state[view.name].get("master"),
+        )
