@@ -379,8 +379,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             for sname, dest in self.shard_state[v.name].items():
                 _fill_from_pieces(dest, v, sname, pieces)
         if self.master_weights:  # weights must equal cast(master) for the restore to stay exact
+            self.backend.prepare_edit()  # ZeRO-3 / FSDP2 may hold gathered copies that would hide it
             for v in self.views:
                 v.local.copy_(self.shard_state[v.name]["master"])
+            self.backend.finish_edit()
         self._offset = 0
 
 

@@ -1,0 +1,458 @@
+"""One rank of the sharded-backend checks (launched by torchrun; run as plain python for the
+single-process reference). Usage:
+
+    torchrun --nproc_per_node W tests/dist_scripts/zo_worker.py --out DIR --checks a,b,... [--ckpt DIR]
+    python tests/dist_scripts/zo_worker.py --out DIR --checks ref
+
+Rank 0 writes ``DIR/results_w{W}.pt``: a dict check-key -> record. Any exception ends the rank at
+once (its peers then fail their next collective within the gloo timeout), so a broken check
+fails the launch instead of hanging it.
+
+Checks
+  ref         plain single-process trajectories (the reference), K steps and the RESUME_AT point
+  traj        trajectories: fsdp2 (default root), fsdp2k (layers kept gathered + forward prefetch),
+              fsdp2p (fsdp2k + an async unshard pending at each step), zero3 (threshold 0),
+              zero3d (DeepSpeed's default threshold), hsdp / hsdpr ((1, W) / (W, 1) meshes), ddp
+  batched     as traj, but one batched forward per closure (reduction-order noise included)
+  fused       HiZOO / HELENE through the fused Triton kernels (CPU interpreter), FUSED_STEPS steps
+  layout      every rank's (name, start, numel) for FSDP2 and ZeRO-3 views
+  negative    the traps with prepare_edit disabled (must NOT match the reference)
+  coll        collectives issued during opt.step vs the same number of bare forwards
+  bf16        +eps z, -2 eps z, restore leaves bf16 shards bit-identical (fp32 master)
+  reload      opt.load_state_dict on a live bf16 model replays the same steps
+  ckpt_save   RESUME_AT steps, then save optimizer state + full weights  (run at W=2)
+  ckpt_load   load on another world size and backend, finish the K steps (run at W=3)
+  refuse      ZeRO-3 parameter offload engine and FSDP2 Shard(1) placements are refused
+  fsdp1       FSDP1 (use_orig_params=True) trajectory; use_orig_params=False refused
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))
+
+import common  # noqa: E402
+
+common.quiet()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from zo_scale.distributed import exit_on_error, init_distributed  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# collective counting: every ProcessGroup method call, whatever Python API (torch, FSDP2's
+# all_gather_single, deepspeed.comm) issued it
+
+
+COLLECTIVE_METHODS = (
+    "allreduce", "allreduce_coalesced", "broadcast", "allgather", "allgather_coalesced",
+    "allgather_into_tensor_coalesced", "_allgather_base", "all_gather_single", "all_gather_single_coalesced",
+    "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_single", "reduce_scatter_single_coalesced",
+    "reduce_scatter_tensor_coalesced", "alltoall", "alltoall_base", "all_to_all_single", "gather", "scatter",
+    "reduce", "send", "recv", "recv_anysource", "barrier", "monitored_barrier",
+)
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+class CollectiveCounter:
+    def __init__(self):
+        self.active = False
+        self.log: list[tuple[str, int]] = []
+        from torch._C._distributed_c10d import ProcessGroup
+
+        for name in COLLECTIVE_METHODS:
+            if hasattr(ProcessGroup, name):
+                setattr(ProcessGroup, name, self._wrap(name, getattr(ProcessGroup, name)))
+
+    def _wrap(self, name, orig):
+        counter = self
+
+        def method(pg, *args, **kwargs):
+            if counter.active:
+                # all-reduce is in place: its tensors are the payload; for the rest only the
+                # count and a consistent size measure matter (compared step vs bare forwards)
+                counter.log.append((name, _nbytes(args)))
+            return orig(pg, *args, **kwargs)
+
+        return method
+
+    def measure(self, fn):
+        self.log, self.active = [], True
+        try:
+            fn()
+        finally:
+            self.active = False
+        return list(self.log)
+
+
+def summarize(log):
+    out = {}
+    for name, nbytes in log:
+        kind = "allreduce" if name.startswith("allreduce") else name
+        c, b = out.get(kind, (0, 0))
+        out[kind] = (c + 1, b + nbytes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# building wrapped models
+
+
+def build(backend: str, arch: str, dtype=torch.float32, weights: dict | None = None):
+    model = common.build_model(arch, dtype)
+    if weights is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(weights[n].to(p.dtype))
+    if backend == "plain":
+        return model
+    if backend == "fsdp2":
+        return common.wrap_fsdp2(model)
+    if backend in ("fsdp2k", "fsdp2p"):  # layers kept gathered after forward + explicit forward prefetch
+        return common.wrap_fsdp2(model, keep_layers=True)
+    if backend in ("hsdp", "hsdpr"):  # 2-D mesh: (1, W) shards over all ranks, (W, 1) replicates
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = dist.get_world_size()
+        shape = (1, world) if backend == "hsdp" else (world, 1)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        return common.wrap_fsdp2(model, mesh=mesh)
+    if backend == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if backend == "zero3":
+        return common.wrap_zero3(model, threshold=0, bf16=dtype == torch.bfloat16)
+    if backend == "zero3d":  # DeepSpeed's default stage3_param_persistence_threshold
+        return common.wrap_zero3(model, threshold=None, bf16=dtype == torch.bfloat16)
+    if backend == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        for i, layer in enumerate(list(model.layers())):
+            model.layers()[i] = FSDP(layer, use_orig_params=True, device_id=torch.device("cpu"))
+        return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    raise ValueError(backend)
+
+
+def run_steps(opt, closure, n, before_step=None):
+    recs = []
+    for _ in range(n):
+        if before_step is not None:
+            before_step()
+        opt.step(closure)
+        recs.append(common.step_record(opt))
+    return recs
+
+
+class Runner:
+    def __init__(self, rank, world, out: Path, ckpt: Path | None):
+        self.rank, self.world, self.out, self.ckpt = rank, world, out, ckpt
+        self.results = {}
+        self.timings = {}
+        self._counter = None
+
+    def put(self, key, value):
+        self.results[key] = value
+
+    def closure(self, model, per_sequence=True):
+        return common.make_closure(model, self.rank, self.world, per_sequence=per_sequence)
+
+    def trajectory(self, backend, arch, opt_name, n=common.K_STEPS, weights=None, ckpt_in=None, per_sequence=True):
+        model = build(backend, arch, weights=weights)
+        opt = common.make_optimizer(opt_name, model)
+        if ckpt_in is not None:
+            from zo_scale.checkpoint import load_optimizer_state
+
+            opened = load_optimizer_state(opt, ckpt_in)
+        else:
+            opened = None
+        before = None
+        if backend == "fsdp2p":  # an all-gather still pending when the step starts (issued pre-edit)
+            def before():
+                for layer in model.layers():
+                    layer.unshard(async_op=True)
+        recs = run_steps(opt, self.closure(model, per_sequence), n, before)
+        return model, opt, {"losses": recs, "params": common.full_params(model), "opened": opened}
+
+    # ---------------------------------------------------------------- checks
+
+    def check_ref(self):
+        for arch in common.ARCHS:
+            for name in common.OPTIMIZERS:
+                model = build("plain", arch)
+                opt = common.make_optimizer(name, model)
+                closure = self.closure(model)
+                recs = run_steps(opt, closure, common.RESUME_AT)
+                mid = common.full_params(model)
+                recs += run_steps(opt, closure, common.K_STEPS - common.RESUME_AT)
+                self.put(("traj", name, arch, "plain"), {"losses": recs, "params": common.full_params(model),
+                                                         "mid_params": mid})
+
+    def check_traj(self):
+        for backend in ("fsdp2", "fsdp2k", "fsdp2p", "zero3", "zero3d", "hsdp", "hsdpr", "ddp"):
+            for arch in common.ARCHS:
+                for name in common.OPTIMIZERS:
+                    _, _, rec = self.trajectory(backend, arch, name)
+                    self.put(("traj", name, arch, backend), rec)
+
+    def check_batched(self):
+        """Batched forwards (one forward per closure): losses then differ in the last bits between
+        world sizes (matmul shapes change), which is what real runs see."""
+        backends = ("plain",) if self.world == 1 else ("fsdp2", "zero3")
+        for backend in backends:
+            for name in common.OPTIMIZERS:
+                _, _, rec = self.trajectory(backend, "llama", name, per_sequence=False)
+                self.put(("batched", name, "llama", backend), rec)
+
+    def check_fused(self):
+        """The fused Triton kernels (in Triton's CPU interpreter) on shards: z is generated in-kernel
+        from each view's global start, so shards must reproduce the single-process run."""
+        env = {"ZO_SCALE_TRITON_CPU": "1", "TRITON_INTERPRET": "1"}
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            # Triton decides at import whether @triton.jit functions are interpreted
+            raise RuntimeError("check_fused must run before anything imports triton (main() runs it first)")
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            from zo_scale import kernels
+
+            if not kernels.available():
+                self.put(("fused", "unavailable"), True)
+                return
+            backends = ("plain",) if self.world == 1 else ("fsdp2", "zero3")
+            for backend in backends:
+                for name in ("HiZOO", "HELENE"):
+                    _, opt, rec = self.trajectory(backend, "llama", name, n=common.FUSED_STEPS)
+                    rec["used_kernels"] = all(opt._uses_kernels(v) for v in opt.views)
+                    self.put(("fused", name, "llama", backend), rec)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def check_layout(self):
+        for backend in ("fsdp2", "zero3"):
+            for arch in common.ARCHS:
+                model = build(backend, arch)
+                opt = common.make_optimizer("MeZO", model)
+                mine = [(v.name, v.start, v.numel, v.global_numel) for v in opt.views]
+                every = [None] * self.world
+                dist.all_gather_object(every, mine)
+                self.put(("layout", arch, backend), every)
+
+    def check_negative(self):
+        """Disable prepare_edit: the ZeRO-3 persistent / FSDP2 root traps must then bite."""
+        for backend in ("zero3d", "fsdp2"):
+            model = build(backend, "opt")
+            opt = common.make_optimizer("MeZO", model)
+            opt.backend.prepare_edit = lambda: None
+            recs = run_steps(opt, self.closure(model), common.K_STEPS)
+            self.put(("negative", backend), {"losses": recs, "params": common.full_params(model)})
+
+    def check_coll(self):
+        counter = self._counter or CollectiveCounter()
+        self._counter = counter
+        for backend in ("fsdp2", "zero3d", "zero3"):
+            for name in common.OPTIMIZERS:
+                model = build(backend, "llama")
+                opt = common.make_optimizer(name, model)
+                closure = self.closure(model)
+                run_steps(opt, closure, 2)  # past ZeRO-3's trace recording (forwards 1-2)
+                step_log = counter.measure(lambda: opt.step(closure))
+                n_fwd = 3 if opt.probes_loss_zero else 2
+
+                def bare():
+                    for _ in range(n_fwd):
+                        opt.backend.prepare_edit()
+                        with torch.no_grad():
+                            closure()
+
+                base_log = counter.measure(bare)
+
+                def bare_no_release():  # what the forwards would gather if nothing were released
+                    for _ in range(n_fwd):
+                        with torch.no_grad():
+                            closure()
+
+                noedit_log = counter.measure(bare_no_release)
+                self.put(("coll", backend, name), {"step": summarize(step_log), "bare": summarize(base_log),
+                                                   "bare_no_release": summarize(noedit_log), "n_fwd": n_fwd})
+
+    def check_bf16(self):
+        for backend in ("fsdp2", "zero3d", "zero3"):
+            for name in ("MeZO", "HELENE"):
+                model = build(backend, "opt", dtype=torch.bfloat16)
+                opt = common.make_optimizer(name, model)
+                closure = self.closure(model)
+                before = [v.local.clone() for v in opt.views]
+                dtypes = sorted({str(v.local.dtype) for v in opt.views})
+                with torch.no_grad():
+                    l0 = opt._forward(closure).tolist()
+                rounds = []
+                for r in range(3):  # 3 rounds: past the 3rd forward, where ZeRO-3 keeps params gathered
+                    opt._move_to(+1, 0)
+                    with torch.no_grad():
+                        lp = opt._forward(closure).tolist()
+                    opt._move_to(-1, 0)
+                    with torch.no_grad():
+                        lm = opt._forward(closure).tolist()
+                    opt._move_to(0, 0)
+                    with torch.no_grad():
+                        lr = opt._forward(closure).tolist()
+                    same = all(torch.equal(a, v.local) for a, v in zip(before, opt.views))
+                    rounds.append({"bit_identical": same, "loss_restored": lr, "loss_plus": lp, "loss_minus": lm})
+                run_steps(opt, closure, 2)
+                cast_ok = all(torch.equal(v.local, opt.shard_state[v.name]["master"].to(v.local.dtype))
+                              for v in opt.views)
+                ok = torch.tensor([float(all(r["bit_identical"] for r in rounds) and cast_ok)])
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                self.put(("bf16", backend, name), {"rounds": rounds, "loss0": l0, "cast_master_ok": cast_ok,
+                                                   "all_ranks_ok": bool(ok.item()), "dtypes": dtypes,
+                                                   "master": opt.master_weights})
+
+    def check_reload(self):
+        """opt.load_state_dict on a live sharded model (bf16 + fp32 master, HiZOO: its l0 forward
+        comes before any edit of the step): replaying a step after reloading the state gives the
+        same losses bit for bit, so the master copied into the shards was not hidden by gathered
+        copies (ZeRO-3 persistent parameters, the FSDP2 root)."""
+        for backend in ("zero3d", "fsdp2"):
+            model = build(backend, "opt", dtype=torch.bfloat16)
+            opt = common.make_optimizer("HiZOO", model)
+            closure = self.closure(model)
+            run_steps(opt, closure, 2)
+            sd = opt.state_dict()
+            first = run_steps(opt, closure, 2)
+            with torch.no_grad():  # an evaluation forward: gathers (and ZeRO-3/FSDP2 root keep) the weights
+                closure()
+                closure()
+            opt.load_state_dict(sd)
+            again = run_steps(opt, closure, 2)
+            self.put(("reload", backend), {"first": first, "again": again})
+
+    def check_ckpt_save(self):
+        from zo_scale.checkpoint import save_optimizer_state
+
+        for backend in ("fsdp2", "zero3"):
+            for name in common.OPTIMIZERS:
+                d = self.ckpt / f"{name}-{backend}"
+                _, opt, rec = self.trajectory(backend, "llama", name, n=common.RESUME_AT)
+                save_optimizer_state(opt, d)
+                if self.rank == 0:
+                    torch.save(rec["params"], d / "model.pt")
+                dist.barrier()
+                self.put(("ckpt_save", backend, name), {"losses": rec["losses"], "params": rec["params"]})
+
+    def check_ckpt_load(self):
+        for src, dst in (("fsdp2", "zero3"), ("zero3", "fsdp2"), ("fsdp2", "fsdp2")):
+            for name in common.OPTIMIZERS:
+                d = self.ckpt / f"{name}-{src}"
+                weights = torch.load(d / "model.pt")
+                _, opt, rec = self.trajectory(dst, "llama", name, n=common.K_STEPS - common.RESUME_AT,
+                                              weights=weights, ckpt_in=d)
+                rec["step_count"] = opt.step_count
+                opened = [None] * self.world
+                dist.all_gather_object(opened, rec["opened"])
+                rec["opened"] = opened
+                self.put(("ckpt_load", src, dst, name), rec)
+
+    def check_refuse(self):
+        from zo_scale.optim import MeZO
+
+        model = common.build_model("opt")
+        engine = common.wrap_zero3(model, threshold=0, offload_param={"device": "cpu"})
+        try:
+            MeZO(engine, lr=1e-3)
+            msg = None
+        except ValueError as e:
+            msg = str(e)
+        self.put(("refuse", "offload_param"), msg)
+
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
+
+        def dim1(p):  # FSDP2 sharding on dim 1: a rank's rows are not one contiguous flat range
+            return Shard(1) if p.dim() == 2 and p.shape[1] % self.world == 0 else None
+
+        model = common.build_model("llama")
+        for layer in model.layers():
+            fully_shard(layer, shard_placement_fn=dim1)
+        fully_shard(model)
+        try:
+            MeZO(model, lr=1e-3)
+            msg = None
+        except NotImplementedError as e:
+            msg = str(e)
+        self.put(("refuse", "fsdp2_shard1"), msg)
+
+    def check_fsdp1(self):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        from zo_scale.shards import trainable_named_parameters
+
+        for name in ("MeZO", "HELENE"):
+            model = build("fsdp1", "llama")
+            opt = common.make_optimizer(name, model)
+            recs = run_steps(opt, self.closure(model), common.K_STEPS)
+            opt.backend.prepare_edit()
+            with FSDP.summon_full_params(model):  # FSDP1's own gather, not our views
+                full = {n: p.detach().clone().float() for n, p in trainable_named_parameters(model)}
+            self.put(("traj", name, "llama", "fsdp1"), {"losses": recs, "params": full})
+        wrapped = FSDP(common.build_model("llama"), use_orig_params=False, device_id=torch.device("cpu"))
+        try:
+            common.make_optimizer("MeZO", wrapped)
+            msg = None
+        except NotImplementedError as e:
+            msg = str(e)
+        self.put(("refuse", "fsdp1_flat"), msg)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--checks", required=True)
+    ap.add_argument("--ckpt", default=None)
+    args = ap.parse_args()
+    out = Path(args.out)
+    with exit_on_error():
+        info = init_distributed(backend="gloo", timeout_s=float(os.environ.get("ZO_TEST_DIST_TIMEOUT", 90)))
+        rank, world = info.rank, info.world_size
+        if world > 1:
+            common.import_deepspeed()  # after the group exists: DeepSpeed adopts it
+        runner = Runner(rank, world, out, Path(args.ckpt) if args.ckpt else None)
+        checks = args.checks.split(",")
+        checks.sort(key=lambda c: c != "fused")  # fused first: it sets TRITON_INTERPRET before triton loads
+        for check in checks:
+            t0 = time.perf_counter()
+            getattr(runner, f"check_{check}")()
+            runner.timings[check] = time.perf_counter() - t0
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            runner.results["_timings"] = runner.timings
+            tmp = out / f".results_w{world}.pt.tmp"
+            torch.save(runner.results, tmp)
+            os.replace(tmp, out / f"results_w{world}.pt")
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

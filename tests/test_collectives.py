@@ -1,0 +1,63 @@
+"""What the optimizer sends over the network during ``opt.step``.
+
+Every ProcessGroup collective method (allreduce, broadcast, all_gather_single, allgather,
+reduce_scatter*, alltoall*, send/recv, barrier, ...) is wrapped inside the worker processes, so
+calls are counted whatever Python API issued them (torch.distributed, FSDP2's
+all_gather_single, deepspeed.comm). For each backend and optimizer the count during one step
+(after 2 warm-up steps: ZeRO-3's trace is then complete) is compared with the same number of
+bare forwards, each preceded by the backend's ``prepare_edit`` (which communicates nothing, but
+makes the next forward gather again what it released):
+
+* gathers / broadcasts / reduce-scatters / anything but all-reduce: exactly those of the forwards;
+* all-reduce: at most a few hundred bytes beyond the forwards' (which issue none here). Measured:
+  MeZO 32 B (one fp64 all-reduce of (sum, weight) for l+ and l-), HiZOO 48 B (l0 as well),
+  HELENE 48 B (32 B of losses + 16 B for the clip fraction, a second all-reduce).
+
+Shared launches with test_sharded.py (dist_scripts/harness.py): 2 and 3 ranks, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
+
+from dist_scripts import harness  # noqa: E402
+
+EXPECTED_ALLREDUCE = {"MeZO": (1, 32), "HiZOO": (1, 48), "HELENE": (2, 48)}  # (calls, bytes) per step
+MAX_OPTIMIZER_ALLREDUCE_BYTES = 256
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3d", "zero3"])
+@pytest.mark.parametrize("name", ["MeZO", "HiZOO", "HELENE"])
+def test_step_adds_only_a_few_allreduced_scalars(name, backend, world, record_property):
+    rec = harness.results(world)[("coll", backend, name)]
+    step, bare = dict(rec["step"]), dict(rec["bare"])
+    step_ar, bare_ar = step.pop("allreduce", (0, 0)), bare.pop("allreduce", (0, 0))
+    # no optimizer gathers: every non-all-reduce collective of the step is one the forwards issue
+    assert step == bare, (step, bare)
+    assert any(k in bare for k in ("all_gather_single", "_allgather_base", "allgather")), bare
+    extra_calls, extra_bytes = step_ar[0] - bare_ar[0], step_ar[1] - bare_ar[1]
+    record_property("optimizer_allreduce_bytes_per_step", extra_bytes)
+    assert extra_bytes <= MAX_OPTIMIZER_ALLREDUCE_BYTES
+    assert (extra_calls, extra_bytes) == EXPECTED_ALLREDUCE[name]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3d"])
+def test_release_cost_is_only_regathering(backend, world, record_property):
+    """What prepare_edit costs: the forwards gather again what was released (FSDP2: the root's
+    parameters; ZeRO-3 default threshold: the persistent ones) — gathers only, never more than a
+    full gather of the model per forward."""
+    rec = harness.results(world)[("coll", backend, "MeZO")]
+    bare, kept = dict(rec["bare"]), dict(rec["bare_no_release"])
+    extra = sum(b for _, b in bare.values()) - sum(b for _, b in kept.values())
+    record_property("regather_bytes_per_step", extra)
+    assert extra >= 0
+    assert set(bare) - {"all_gather_single", "_allgather_base", "allgather", "allgather_into_tensor_coalesced"} == set()
