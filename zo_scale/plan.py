@@ -334,6 +334,8 @@ def read_config(path) -> dict:
     out = {}
     model = cfg.get("model")
     if isinstance(model, dict):
+        if "dtype" in model:  # zo_scale.config keeps the weight dtype in the model section
+            out["dtype"] = model["dtype"]
         model = model.get("name") or model.get("name_or_path") or model.get("config")
     if model is not None:
         out["model"] = model
@@ -354,6 +356,13 @@ def read_config(path) -> dict:
         out["batch"] = cfg.get("batch", data.get("batch_size"))
     if "max_length" in data:
         out["seq"] = data["max_length"]
+    # zo_scale.config: train.batch_size is the GLOBAL batch (split over the GPUs), task.max_length the sequence
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    task = cfg.get("task") if isinstance(cfg.get("task"), dict) else {}
+    if "batch_size" in train and "batch" not in out:
+        out["global_batch"] = train["batch_size"]
+    if task.get("max_length") and "seq" not in out:
+        out["seq"] = task["max_length"]
     return out
 
 
@@ -388,6 +397,9 @@ def main(argv=None) -> int:
         if "model" not in kw:
             raise PlanError("say which model: --model NAME|config.json, or --config with a 'model' key")
         kw.setdefault("gpus", 1)
+        global_batch = kw.pop("global_batch", None)
+        if global_batch is not None and "batch" not in kw:
+            kw["batch"] = max(1, global_batch // kw["gpus"])
         result = plan(kw.pop("model"), kw.pop("gpus"), **kw)
     except PlanError as err:
         print(f"zo_scale.plan: error: {err}", file=sys.stderr)

