@@ -119,17 +119,10 @@ class HELENE(ZOOptimizer):
             "refresh": self.step_count % group["hessian_interval"] == 0,
         }
 
-    def _update_chunk(self, view, lo, hi, theta, zs, pgs, scalars):
+    def _step_options(self, view, scalars) -> dict:
+        """The scalars of one HELENE update of ``view``: same for the torch math and the kernel."""
         group = self.param_groups[0]
-        st = self.shard_state[view.name]
-        m, h = st["momentum"][lo:hi], st["hessian"][lo:hi]
-        low_precision = m.dtype not in FULL_PRECISION
-        m32, h32 = (m.float(), h.float()) if low_precision else (m, h)
-        clipped = helene_update_(
-            theta,
-            self._grad_dir(zs, pgs, theta.dtype),
-            m32,
-            h32,
+        return dict(
             lr=group["lr"],
             alpha=scalars["alpha"],
             beta1=group["beta1"],
@@ -143,6 +136,19 @@ class HELENE(ZOOptimizer):
             stab_eps=group["stab_eps"],
             weight_decay=group["weight_decay"] if self._decays(view) else 0.0,
         )
+
+    def _update_chunk(self, view, lo, hi, theta, zs, pgs, scalars):
+        st = self.shard_state[view.name]
+        m, h = st["momentum"][lo:hi], st["hessian"][lo:hi]
+        low_precision = m.dtype not in FULL_PRECISION
+        m32, h32 = (m.float(), h.float()) if low_precision else (m, h)
+        clipped = helene_update_(
+            theta,
+            self._grad_dir(zs, pgs, theta.dtype),
+            m32,
+            h32,
+            **self._step_options(view, scalars),
+        )
         if low_precision:
             m.copy_(m32)
             h.copy_(h32)
@@ -151,7 +157,6 @@ class HELENE(ZOOptimizer):
     def _fused_update(self, view, pgs, scalars, restore):
         from zo_scale import kernels
 
-        group = self.param_groups[0]
         st = self.shard_state[view.name]
         return kernels.helene_restore_update_(
             view.local,
@@ -161,19 +166,8 @@ class HELENE(ZOOptimizer):
             view.start,
             pgs=pgs,
             restore=restore,
-            lr=group["lr"],
-            alpha=scalars["alpha"],
-            beta1=group["beta1"],
-            beta2=group["beta2"],
-            refresh_hessian=scalars["refresh"],
-            hessian_scale=scalars["hessian_scale"],
-            use_hessian=group["use_hessian"],
-            gamma=group["gamma"],
-            clip_mode=group["clip_mode"],
-            clip_lambda=group["clip_lambda"] * self.layer_lambda_scale[view.name],
-            stab_eps=group["stab_eps"],
-            weight_decay=group["weight_decay"] if self._decays(view) else 0.0,
             master=st.get("master"),
+            **self._step_options(view, scalars),
         )
 
     def _extra_stats(self, scalars, clipped, total):
