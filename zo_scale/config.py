@@ -218,7 +218,7 @@ def _build(cls, data, where: str):
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], where + name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing config key {where}{name!r}")
+            raise ConfigError(f"missing config key '{where}{name}'")
     return cls(**kwargs)
 
 
@@ -415,7 +415,7 @@ def _validate_optimizer(cfg: RunConfig) -> None:
             raise unknown_key_error("optimizer.", key, [*args, "name"])
         _check_option_type(f"optimizer.{key}", value, args[key])
     if "lr" not in opt:
-        raise ConfigError("missing config key optimizer.'lr'")
+        raise ConfigError("missing config key 'optimizer.lr'")
     if "state_dtype" in opt and opt["state_dtype"] not in DTYPES:
         raise ConfigError(f"optimizer.state_dtype must be one of {', '.join(DTYPES)}, got {opt['state_dtype']!r}")
 

@@ -78,30 +78,9 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
 
 
 def build(cfg: RunConfig, info: DistInfo) -> Built:
-    from zo_scale.models import load_model_and_tokenizer
-
-    dtype = getattr(torch, cfg.model.dtype)
-    keepalive, ds_config = None, None
-    if cfg.backend == "deepspeed":
-        import deepspeed
-        import torch.distributed as dist
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # zero.Init reads the world size through deepspeed.comm: attach it to our process group first
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
-        ds_config = deepspeed_config(cfg, info.world_size)
-        if cfg.model.arch is None:
-            keepalive = HfDeepSpeedConfig(ds_config)
-    device = info.device if cfg.backend == "none" else None
-    try:
-        model, tokenizer = load_model_and_tokenizer(model_spec(cfg), dtype, device=device)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        raise ConfigError(f"model: {_one_line(e)}") from None
-    if cfg.backend == "deepspeed" and keepalive is None:
-        # A random-init (test-sized) model is built whole, as for the other backends, so its initial weights
-        # are the same whatever the backend; deepspeed.initialize partitions it below.
-        keepalive = HfDeepSpeedConfig(ds_config)
-
+    """Model and tokenizer, adapter or trainable subset, then the backend around them."""
+    ds_config = deepspeed_config(cfg, info.world_size) if cfg.backend == "deepspeed" else None
+    model, tokenizer, keepalive = load(cfg, info, ds_config)
     is_peft = cfg.peft is not None
     if is_peft:
         model = apply_peft(cfg, model)
@@ -110,10 +89,8 @@ def build(cfg: RunConfig, info: DistInfo) -> Built:
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters")
     module = model
-
     if cfg.backend == "fsdp2":
-        model = wrap_fsdp2(model.to(info.device), cfg)
-        module = model
+        model = module = wrap_fsdp2(model.to(info.device), cfg)
     elif cfg.backend == "deepspeed":
         import deepspeed
 
@@ -121,6 +98,35 @@ def build(cfg: RunConfig, info: DistInfo) -> Built:
         module = model.module
     model.eval()  # ZO forwards run without dropout
     return Built(model, module, tokenizer, cfg.backend, is_peft, ds_config, keepalive)
+
+
+def load(cfg: RunConfig, info: DistInfo, ds_config: dict | None):
+    """(model, tokenizer, HfDeepSpeedConfig or None). A load failure (missing file, no network, bad
+    GGUF) is bad input: one line, exit code 2."""
+    from zo_scale.models import load_model_and_tokenizer
+
+    keepalive = None
+    if ds_config is not None:
+        import deepspeed
+        import torch.distributed as dist
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # zero.Init reads the world size through deepspeed.comm: attach it to our process group first
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        if cfg.model.arch is None:  # pretrained weights load straight into their partitions
+            keepalive = HfDeepSpeedConfig(ds_config)
+    device = info.device if cfg.backend == "none" else None
+    try:
+        model, tokenizer = load_model_and_tokenizer(model_spec(cfg), getattr(torch, cfg.model.dtype), device=device)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"model: {_one_line(e)}") from None
+    if ds_config is not None and keepalive is None:
+        # A random-init (test-sized) model is built whole, as for the other backends, so its initial weights
+        # are the same whatever the backend; deepspeed.initialize partitions it.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keepalive = HfDeepSpeedConfig(ds_config)
+    return model, tokenizer, keepalive
 
 
 def _one_line(e: BaseException) -> str:

@@ -49,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """launch/train.py: :func:`main`, then end the process without the interpreter's teardown. Every output
+    is written and closed by then; what teardown adds is the destructors of library threads (gloo,
+    DeepSpeed's CPU communication op), which were seen to abort finished multi-rank runs
+    ("terminate called without an active exception") and so turn a success into a failure."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _bad_input(message: str, rank: int) -> int:
     if rank == 0 or os.environ.get("ZO_SCALE_ALL_RANKS_LOG"):
         print(f"zo_scale: error: {message}", file=sys.stderr, flush=True)
