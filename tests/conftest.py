@@ -158,3 +158,18 @@ def sbatch_and_wait(args: list[str], env: dict, timeout: float = 120) -> tuple[i
         time.sleep(0.2)
     subprocess.run(["scancel", str(job_id)], env=env, capture_output=True, timeout=30)
     pytest.fail(f"slurm job {job_id} not finished after {timeout} s", pytrace=False)
+
+
+# Offline tokenizers (deterministic byte-level BPE on the bundled text) shared by the task tests.
+@pytest.fixture(scope="module")
+def tokenizer():
+    from zo_scale.data.tokenizer_tools import build_offline_tokenizer
+
+    return build_offline_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def mlm_tokenizer():
+    from zo_scale.data.tokenizer_tools import build_offline_tokenizer
+
+    return build_offline_tokenizer(style="mlm")

@@ -65,14 +65,6 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_offline_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def mlm_tokenizer():
-    return build_offline_tokenizer(style="mlm")
 
 
 @pytest.fixture(scope="module")

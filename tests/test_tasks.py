@@ -27,14 +27,6 @@ from zo_scale.data.tokenizer_tools import OFFLINE_VOCAB_SIZE, build_offline_toke
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_offline_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def mlm_tokenizer():
-    return build_offline_tokenizer(style="mlm")
 
 
 # --- registry -------------------------------------------------------------------------------------------
