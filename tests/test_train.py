@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from conftest import PYTHON, REPO, launch_env
 from zo_scale import run_checkpoint
@@ -57,7 +58,9 @@ def test_single_process_run_writes_everything(tmp_path):
     for key in ("loss", "proj_grad", "lr", "forward_passes", "tokens_per_s", "step_time_s", "rss_mb", "peak_rss_mb"):
         assert all(r[key] is not None for r in steps), key
     assert [r["forward_passes"] for r in steps] == [2 * i for i in range(1, 7)]  # HELENE: two forwards a step
-    assert [(r["split"], r["step"]) for r in evals] == [("dev", 0), ("dev", 3), ("dev", 6), ("test", 6)]
+    # dev never beat step 0's (ties keep the earlier): test is also evaluated on those best-dev weights
+    assert [(r["split"], r["step"], r.get("weights")) for r in evals] == [
+        ("dev", 0, None), ("dev", 3, None), ("dev", 6, None), ("test", 6, None), ("test", 0, "best")]
     assert all("accuracy" in r["metrics"] for r in evals)
 
     summary = json.loads((out / "summary.json").read_text())
@@ -101,6 +104,52 @@ def test_lora_run_exports_an_adapter(tmp_path):
     adapter = load_file(out / "final_model" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # trained (B starts at 0)
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == summary["trainable_params"]
+
+
+def test_best_dev_weights_are_evaluated_and_exported(tmp_path):
+    """The snapshot taken at the best dev score is what best_model/ holds and what best_dev.test measured."""
+    out = tmp_path / "best"
+    args = ("optimizer.lr=3e-2", "eval.every=1", "train.steps=8", "checkpoint.every=1", "checkpoint.keep=100")
+    assert main(["--config", TINY_LLAMA, *_sets(out, *args)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dev = [r for r in records if r["type"] == "eval" and r["split"] == "dev"]
+    scores = [r["metrics"]["accuracy"] for r in dev]
+    best_step = dev[scores.index(max(scores))]["step"]  # the first of equal scores
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_dev"]["step"] == best_step and summary["primary_metric"] == "accuracy"
+    assert 0 < best_step < 8, "this seed and lr were chosen so that the best dev score is mid-run"
+
+    # best_model/ holds the parameters of that step's checkpoint, not the final ones
+    from transformers import AutoModelForCausalLM
+
+    best_model = AutoModelForCausalLM.from_pretrained(out / "best_model")
+    saved = torch.load(out / "checkpoints" / run_checkpoint.step_dir_name(best_step) / "params_rank00000.pt",
+                       weights_only=True)
+    params = dict(best_model.named_parameters())
+    for name, entry in saved.items():
+        assert torch.equal(params[name].detach().view(-1), entry["tensor"]), name
+    assert not torch.equal(final_weights(out)["lm_head.weight"], params["lm_head.weight"])
+
+    # best_dev.test is the test accuracy of best_model/, logged with weights "best"
+    from zo_scale import evaluate as ev
+    from zo_scale.config import load_config
+    from zo_scale.trainer.data import load_splits
+
+    cfg = load_config(TINY_LLAMA, [f"output_dir={out}"])
+    tokenizer = AutoTokenizer.from_pretrained(out / "best_model")
+    test = ev.evaluate(best_model, tokenizer, load_splits(cfg)["test"], batch_size=8, max_length=cfg.task.max_length)
+    assert summary["best_dev"]["test"]["metrics"] == test
+    logged = [r for r in records if r["type"] == "eval" and r.get("weights") == "best"]
+    assert [(r["split"], r["step"], r["metrics"]) for r in logged] == [("test", best_step, test)]
+
+
+def test_keep_best_off_writes_no_snapshot(tmp_path):
+    out = tmp_path / "nobest"
+    assert main(["--config", TINY_LLAMA, *_sets(out, "optimizer.lr=3e-2", "eval.every=1", "train.steps=8",
+                                                 "eval.keep_best=false")]) == 0
+    assert not (out / "best_model").exists() and not (out / "checkpoints" / "best").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_dev"]["step"] not in (0, 8) and summary["best_dev"]["test"] is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +233,11 @@ def test_torn_checkpoints_are_never_loaded(tmp_path):
     assert main(["--config", TINY_LLAMA, *_sets(out, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=5"),
                  "--resume"]) == 0
     names = sorted(p.name for p in root.iterdir())
-    assert names == ["step_00000002", "step_00000004", "step_00000006"]
+    assert names == ["best", "step_00000002", "step_00000004", "step_00000006"]
+    # the best-dev snapshot is sealed the same way: without its marker it does not exist
+    assert run_checkpoint.read_best_record(root)["step"] == 0
+    (root / "best" / "COMPLETE").unlink()
+    assert run_checkpoint.read_best_record(root) is None
 
 
 def test_resume_refuses_a_different_run(tmp_path, capsys):

@@ -89,6 +89,9 @@ class EvalConfig:
     at_start: bool = True
     at_end: bool = True
     test_at_end: bool = True  # also evaluate the test split after the last step
+    # snapshot the trainable weights at each new best dev score (checkpoints/best/); at the end evaluate
+    # test on them too and export them to best_model/ (MeZO and LM-BFF report the best-dev model)
+    keep_best: bool = True
     batch_size: int = 16
     length_normalize: bool = True  # candidate score = mean token log-probability
     max_new_tokens: int = 50  # generation tasks

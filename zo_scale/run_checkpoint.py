@@ -11,6 +11,10 @@
 * ``trainer.json``: step, data order position, metrics file offset, timers, best dev, the config;
 * ``COMPLETE``: written last; lists every file with its size.
 
+``output_dir/checkpoints/best/`` holds the trainable weights of the best dev evaluation so far
+(``params_rank*.pt`` as above, ``best.json``, ``COMPLETE``): what the run is evaluated on and exported
+from at the end besides its final weights.
+
 Atomicity: all ranks write into ``.tmp-step_…``; after a barrier rank 0 fsyncs the files, writes
 ``COMPLETE``, renames the directory to its final name (atomic on POSIX) and fsyncs the parent. A
 directory without a valid ``COMPLETE`` (killed mid-write) is never chosen and is swept away by the
@@ -32,6 +36,7 @@ import torch.distributed as dist
 from zo_scale.checkpoint import load_optimizer_state, save_optimizer_state
 
 FORMAT = "zo_scale.run_checkpoint.v1"
+BEST_DIR = "best"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -125,11 +130,7 @@ def save_checkpoint(root: Path, step: int, opt, trainer_state: dict, keep: int) 
     final = root / step_dir_name(step)
     if is_complete(final):  # the same step saved before (e.g. a resumed run): identical content
         return final
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    if rank == 0:
-        sweep_incomplete(root)
-        tmp.mkdir(parents=True)
-    _barrier()
+    tmp = _start_dir(root, f".tmp-{step_dir_name(step)}")
 
     opt.backend.prepare_edit()  # ZeRO-3: drop gathered copies so the partitions are current
     _save_file(param_slices(opt), tmp / f"params_rank{rank:05d}.pt")
@@ -138,28 +139,73 @@ def save_checkpoint(root: Path, step: int, opt, trainer_state: dict, keep: int) 
     _barrier()
 
     if rank == 0:
-        state = {"format": FORMAT, "step": step, "world_size": world, **trainer_state}
-        with open(tmp / "trainer.json", "w") as f:
-            json.dump(state, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        files = {}
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file():
-                _fsync_path(p)
-                files[str(p.relative_to(tmp))] = p.stat().st_size
+        _write_json_synced(tmp / "trainer.json", {"format": FORMAT, "step": step, "world_size": world, **trainer_state})
         _fsync_path(tmp / "optim")
-        with open(tmp / "COMPLETE", "w") as f:
-            json.dump({"format": FORMAT, "step": step, "files": files}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_path(tmp)
+        _seal(tmp, step)
         os.rename(tmp, final)
         _fsync_path(root)
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def save_best_weights(root: Path, opt, record: dict) -> Path:
+    """Replace ``root/best`` with this rank's slices of the trainable parameters and ``record`` (the dev
+    evaluation that made them the best so far). Every rank calls this. Only weights: the run does not
+    continue from here, it is evaluated and exported from here."""
+    root = Path(root)
+    rank, _ = _rank_world()
+    final, old = root / BEST_DIR, root / f".tmp-old-{BEST_DIR}"
+    tmp = _start_dir(root, f".tmp-{BEST_DIR}")
+    opt.backend.prepare_edit()
+    _save_file(param_slices(opt), tmp / f"params_rank{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        _write_json_synced(tmp / "best.json", record)
+        _seal(tmp, record["step"])
+        # two renames: a kill in between leaves no complete best/, never a mixed one (both are swept)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_path(root)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def read_best_record(root: Path) -> dict | None:
+    """The dev evaluation of the weights in ``root/best``, or None if there is no complete snapshot."""
+    best = Path(root) / BEST_DIR
+    return json.loads((best / "best.json").read_text()) if is_complete(best) else None
+
+
+def _start_dir(root: Path, name: str) -> Path:
+    """Rank 0 sweeps leftovers and makes the empty ``root/name`` that every rank then writes into."""
+    tmp = Path(root) / name
+    if _rank_world()[0] == 0:
+        sweep_incomplete(root)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def _write_json_synced(path: Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _seal(tmp: Path, step: int) -> None:
+    """fsync every file, then write COMPLETE listing them with their sizes (what ``is_complete`` checks)."""
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            _fsync_path(p)
+            files[str(p.relative_to(tmp))] = p.stat().st_size
+    _write_json_synced(tmp / "COMPLETE", {"format": FORMAT, "step": step, "files": files})
+    _fsync_path(tmp)
 
 
 def rng_state() -> dict:
@@ -192,15 +238,7 @@ def load_checkpoint(ckpt: Path, opt) -> dict:
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint")
     rank, _ = _rank_world()
     state = read_trainer_state(ckpt)
-    pieces = [torch.load(p, map_location="cpu", mmap=True, weights_only=True)
-              for p in sorted(ckpt.glob("params_rank*.pt"))]
-    opt.backend.prepare_edit()
-    try:
-        with torch.no_grad():
-            for v in opt.views:
-                _fill(v, pieces)
-    finally:
-        opt.backend.finish_edit()
+    load_param_slices(ckpt, opt)
     load_optimizer_state(opt, ckpt / "optim")  # with an fp32 master this rewrites the weights from it
     if opt.step_count != state["step"]:
         raise ValueError(f"{ckpt}: optimizer state is at step {opt.step_count}, trainer at {state['step']}")
@@ -209,6 +247,20 @@ def load_checkpoint(ckpt: Path, opt) -> dict:
         rng_file = ckpt / "rng_rank00000.pt"
     set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def load_param_slices(directory: Path, opt) -> None:
+    """Write the trainable parameters saved in ``directory`` (a checkpoint or ``best/``, from any world size)
+    into this rank's shards. Parameters only: an fp32 master or optimizer state is not touched."""
+    pieces = [torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+              for p in sorted(Path(directory).glob("params_rank*.pt"))]
+    opt.backend.prepare_edit()
+    try:
+        with torch.no_grad():
+            for v in opt.views:
+                _fill(v, pieces)
+    finally:
+        opt.backend.finish_edit()
 
 
 def _fill(view, pieces: list[dict]) -> None:

@@ -230,5 +230,10 @@ def _print_result(summary: dict, out: Path) -> None:
              f"  dev  before: {fmt(summary['initial']['dev'])}   after: {fmt(summary['final']['dev'])}"]
     if summary["final"]["test"]:
         lines.append(f"  test after: {fmt(summary['final']['test'])}")
-    lines.append(f"  outputs in {out}/ (metrics.jsonl, summary.json, plot.png, final_model/)")
+    best = summary["best_dev"]
+    has_best_model = (out / "best_model").is_dir() and best is not None and best["step"] != summary["steps"]
+    if has_best_model:
+        lines.append(f"  best dev at step {best['step']}: {fmt(best)}   test there: {fmt(best['test'])}")
+    lines.append(f"  outputs in {out}/ (metrics.jsonl, summary.json, plot.png, final_model/"
+                 f"{', best_model/' if has_best_model else ''})")
     print("\n".join(lines), flush=True)

@@ -55,6 +55,9 @@ class Trainer:
         self.state = RunState()
         self.eval_options = dict(batch_size=cfg.eval.batch_size, max_length=cfg.task.max_length,
                                  length_normalize=cfg.eval.length_normalize, max_new_tokens=cfg.eval.max_new_tokens)
+        from zo_scale.data.tasks import TASKS
+
+        self.primary_metric = TASKS[cfg.task.name.strip().lower()].metric  # what "best dev" compares
         self.log: metrics.MetricsLog | None = None
         self.bar = None
 
@@ -98,7 +101,8 @@ class Trainer:
             self.save_checkpoint(time.perf_counter() - t_start)
         self._say("exporting the model ...")
         export_model(self.built.model, self.built.module, self.built.tokenizer, self.out / "final_model", self.main)
-        summary = self._summary(time.perf_counter() - t_start, test)
+        best_test = self._finish_with_best()  # last: it overwrites the final weights with the best ones
+        summary = self._summary(time.perf_counter() - t_start, test, best_test)
         if self.main:
             metrics.write_json_atomic(self.out / "summary.json", summary)
             metrics.plot(self.out / "metrics.jsonl", self.out / "plot.png", title=self._title())
@@ -144,7 +148,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, split: str) -> dict | None:
+    def evaluate(self, split: str, weights: str = "current") -> dict | None:
+        """Evaluate ``split`` with the model's current weights; ``weights`` labels them in the log
+        ("best": the best dev snapshot, restored at the end)."""
         examples = self.splits[split]
         if not examples:
             return None
@@ -153,17 +159,45 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.state.eval_time_s += dt
         record = {"step": self.state.step, "forward_passes": self.opt.forward_passes, "metrics": result}
-        self.log.write({"type": "eval", "split": split, **record, "examples": len(examples), "eval_time_s": dt})
-        self._say(f"eval {split} @ step {self.state.step} (fwd {self.opt.forward_passes}, {len(examples)} examples, "
-                  f"{dt:.0f} s): " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if weights == "best":
+            record.update(step=self.state.best_dev["step"], forward_passes=self.state.best_dev["forward_passes"])
+        extra = {"weights": weights} if weights != "current" else {}
+        self.log.write({"type": "eval", "split": split, **record, **extra, "examples": len(examples), "eval_time_s": dt})
+        self._say(f"eval {split}{' (best dev weights)' if weights == 'best' else ''} @ step {record['step']} "
+                  f"(fwd {record['forward_passes']}, {len(examples)} examples, {dt:.0f} s): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         if split == "dev":
-            self.state.last_dev = record
-            if self.state.initial_dev is None:
-                self.state.initial_dev = record
-            key = next(iter(result))
-            if self.state.best_dev is None or result[key] > self.state.best_dev["metrics"][key]:
-                self.state.best_dev = record
+            self._track_dev(record)
         return record
+
+    def _track_dev(self, record: dict) -> None:
+        """Remember the first, last and best dev evaluation; snapshot the weights of a new best."""
+        self.state.last_dev = record
+        if self.state.initial_dev is None:
+            self.state.initial_dev = record
+        key = self.primary_metric if self.primary_metric in record["metrics"] else next(iter(record["metrics"]))
+        best = self.state.best_dev
+        if best is None or record["metrics"][key] > best["metrics"][key]:  # ties keep the earlier one
+            self.state.best_dev = record
+            if self.cfg.eval.keep_best:
+                run_checkpoint.save_best_weights(self.ckpt_root, self.opt, record)
+
+    def _finish_with_best(self) -> dict | None:
+        """If the best dev evaluation was not the last one: load its weights, evaluate test on them and
+        export them to best_model/. Returns that test record (None when there is nothing to do)."""
+        best = self.state.best_dev
+        if not (self.cfg.eval.keep_best and best is not None and best["step"] != self.state.step):
+            return None
+        saved = run_checkpoint.read_best_record(self.ckpt_root)
+        if saved is None or saved["step"] != best["step"]:  # e.g. resumed with fewer train.steps than it had
+            self._say(f"no snapshot of the best dev weights (step {best['step']}) in {self.ckpt_root}: "
+                      "best_model/ not written")
+            return None
+        run_checkpoint.load_param_slices(self.ckpt_root / run_checkpoint.BEST_DIR, self.opt)
+        test = self.evaluate("test", weights="best") if self.cfg.eval.test_at_end and self.splits["test"] else None
+        self._say(f"exporting the best dev weights (step {best['step']}) ...")
+        export_model(self.built.model, self.built.module, self.built.tokenizer, self.out / "best_model", self.main)
+        return test
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -218,7 +252,7 @@ class Trainer:
         peft = f" + {c.peft['method']}" if c.peft else ""
         return f"{c.optimizer_name} on {c.task.name}: {src}{peft}, batch {c.train.batch_size}"
 
-    def _summary(self, segment_wall_s: float, test: dict | None) -> dict:
+    def _summary(self, segment_wall_s: float, test: dict | None, best_test: dict | None) -> dict:
         s = self.state
         peak = metrics.memory_mb()
         peak.pop("rss_mb")
@@ -238,7 +272,10 @@ class Trainer:
             "final_train_loss": sum(losses) / len(losses) if losses else None,
             "initial": {"dev": s.initial_dev},
             "final": {"dev": s.last_dev, "test": test},
-            "best_dev": s.best_dev,
+            # the best dev evaluation; "test": the test split on its weights (best_model/), when they are
+            # not the final ones (then final.test is theirs)
+            "best_dev": None if s.best_dev is None else {**s.best_dev, "test": test if s.best_dev["step"] == s.step else best_test},
+            "primary_metric": self.primary_metric,
             "peak_memory_mb": peak,
             "world_size": self.world,
             "backend": self.cfg.backend,
