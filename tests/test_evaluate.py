@@ -306,6 +306,113 @@ def test_reduction_helpers(llama, tokenizer):
         ev.evaluate_counts(llama, tokenizer, [])
 
 
+# --- SuperGLUE metrics: MultiRC F1a / EM over questions, ReCoRD F1 / EM of the predicted entity -----------------
+
+
+def _option(group, label: int) -> Example:
+    return Example(prompt="q", candidates=(" No", " Yes"), label=label, group=group)
+
+
+def test_multirc_f1a_and_question_em_by_hand():
+    # Options of three questions, interleaved as in a seeded sample; predictions are candidate indices.
+    rows = [  # (group, label, prediction)
+        ((0, 0), 1, 1), ((0, 1), 1, 1), ((0, 0), 0, 0), ((1, 0), 0, 0),
+        ((0, 1), 0, 1),  # the one wrong option: question (0, 1) is not exact
+        ((0, 0), 1, 1), ((1, 0), 0, 0),
+    ]
+    examples = [_option(g, label) for g, label, _ in rows]
+    predictions = [p for _, _, p in rows]
+    counts = ev.classification_counts(predictions, examples, "f1a")
+    assert counts == {"correct": 6.0, "total": 7.0, "tp": 3.0, "fp": 1.0, "fn": 0.0,
+                      "questions": 3.0, "questions_exact": 2.0}
+    metrics = ev.metrics_from_counts(counts)
+    assert list(metrics) == ["f1a", "em", "accuracy"]  # primary first: the trainer's best-dev key
+    assert metrics == pytest.approx({"f1a": 6 / 7, "em": 2 / 3, "accuracy": 6 / 7})  # 2tp / (2tp + fp + fn)
+
+    never_yes = ev.classification_counts([0] * len(examples), examples, "f1a")  # no positive prediction
+    assert never_yes["tp"] == never_yes["fp"] == 0 and never_yes["fn"] == 3
+    assert ev.metrics_from_counts(never_yes) == pytest.approx({"f1a": 0.0, "em": 1 / 3, "accuracy": 4 / 7})
+    negatives = [_option((2, 0), 0), _option((2, 0), 0)]  # nothing positive, gold or predicted: F1a 0
+    assert ev.metrics_from_counts(ev.classification_counts([0, 0], negatives, "f1a")) == {
+        "f1a": 0.0, "em": 1.0, "accuracy": 1.0}
+    with pytest.raises(ValueError, match="binary"):
+        ev.classification_counts([0], [Example(prompt="q", candidates=("a", "b", "c"), label=0)], "f1a")
+
+
+def test_record_f1_and_em_of_the_predicted_entity():
+    def cloze(answers, label):
+        entities = ("Harvest Mill", "Mara", "Oslo")
+        return Example(prompt="p", candidates=tuple(f" {e} now employs four people." for e in entities), label=label,
+                       answers=answers, gold=(label,), candidate_answers=entities)
+
+    examples = [
+        cloze(("Harvest Mill Co", "Mill"), 0),  # predicts "Harvest Mill": F1 max(0.8, 2/3), EM 0, gold index hit
+        cloze(("Mara",), 1),  # predicts "Harvest Mill" against "Mara": 0
+        cloze(("the Oslo.",), 2),  # predicts "Oslo": normalised exact match
+    ]
+    counts = ev.classification_counts([0, 0, 2], examples, "f1")
+    assert counts == pytest.approx({"correct": 2.0, "total": 3.0, "f1_sum": 1.8, "em_sum": 1.0})
+    metrics = ev.metrics_from_counts(counts)
+    assert list(metrics) == ["f1", "em", "accuracy"]
+    assert metrics == pytest.approx({"f1": 0.6, "em": 1 / 3, "accuracy": 2 / 3})
+    with pytest.raises(ValueError, match="candidate_answers"):
+        ev.classification_counts([0], [Example(prompt="p", candidates=(" a", " b"), label=0, answers=("a",))], "f1")
+
+
+def test_metric_defaults_follow_the_examples(llama, tokenizer):
+    multirc = get_task("multirc", data_dir=FIXTURES).examples("test")
+    record = get_task("record", data_dir=FIXTURES).examples("test")
+    assert list(ev.evaluate(llama, tokenizer, multirc)) == ["f1a", "em", "accuracy"]
+    assert list(ev.evaluate(llama, tokenizer, record)) == ["f1", "em", "accuracy"]
+    predictions = ev.predict_candidates(llama, tokenizer, multirc)
+    assert ev.evaluate_counts(llama, tokenizer, multirc) == ev.classification_counts(predictions, multirc, "f1a")
+    assert ev.evaluate_counts(llama, tokenizer, multirc, metric="accuracy").keys() == {"correct", "total"}
+    with pytest.raises(ValueError, match="metric"):
+        ev.evaluate_counts(llama, tokenizer, multirc, metric="f1a", kind="generation")
+
+
+def test_group_aware_rank_share():
+    examples = get_task("multirc", data_dir=FIXTURES).examples("train", num=12, seed=0)  # options interleaved
+    groups = list(dict.fromkeys(e.group for e in examples))  # first-appearance order
+    assert len(groups) == 6 and sum(a.group != b.group for a, b in zip(examples, examples[1:])) > 5  # not contiguous
+    for world in (2, 3):
+        shares = [ev.rank_share(examples, r, world) for r in range(world)]
+        assert sorted(e.meta["row"] for s in shares for e in s) == list(range(12))  # a partition of the examples
+        for rank, share in enumerate(shares):
+            mine = set(groups[rank::world])  # whole questions, strided over groups, kept in the examples' order
+            assert [e.meta["row"] for e in share] == [e.meta["row"] for e in examples if e.group in mine]
+    wic = get_task("wic", data_dir=FIXTURES).examples("test")  # no groups: the plain stride, unchanged
+    assert all(ev.rank_share(wic, r, 4) == wic[r::4] for r in range(4))
+
+
+@pytest.mark.parametrize("name", ["multirc", "record"])
+def test_counts_over_rank_shares_add_up(llama, tokenizer, name):
+    task = get_task(name, data_dir=FIXTURES)
+    examples = task.examples("train", num=12, seed=0)
+    whole = ev.evaluate_counts(llama, tokenizer, examples)
+    for world in (2, 3):
+        summed = dict.fromkeys(whole, 0.0)
+        for rank in range(world):
+            share = ev.rank_share(examples, rank, world)
+            counts = ev.evaluate_counts(llama, tokenizer, share, kind=task.kind, metric=task.metric)
+            summed = {k: summed[k] + counts[k] for k in summed}
+        assert summed == pytest.approx(whole, abs=1e-12)
+    if name == "multirc":
+        assert whole["questions"] == 6.0  # two options per question, every question on one rank
+
+
+@pytest.mark.parametrize("name", ["multirc", "record"])
+def test_empty_share_returns_the_same_keys(llama, tokenizer, name):
+    task = get_task(name, data_dir=FIXTURES)
+    full = ev.evaluate_counts(llama, tokenizer, task.examples("test"))
+    examples = task.examples("test")[:1]
+    assert ev.rank_share(examples, 2, 3) == []
+    empty = ev.evaluate_counts(llama, tokenizer, [], kind=task.kind, metric=task.metric)
+    assert empty.keys() == full.keys() and set(empty.values()) == {0.0}
+    metrics = ev.metrics_from_counts(empty)  # no division error: NaN for no examples
+    assert list(metrics) == list(ev.metrics_from_counts(full)) and all(math.isnan(v) for v in metrics.values())
+
+
 # --- two ranks (gloo): uneven shares, synchronised forward counts -------------------------------------------------
 
 
@@ -331,7 +438,10 @@ def _two_rank_worker(rank: int, world: int, port: int, results):
         classification_calls = len(calls)
         squad = get_task("squad", data_dir=FIXTURES).examples("test", num=3, seed=0)  # shares 2 / 1
         generation = ev.evaluate(model, tokenizer, squad, batch_size=1, max_new_tokens=4)
-        results.put((rank, accuracy, generation, classification_calls, len(calls)))
+        generation_calls = len(calls)
+        multirc = get_task("multirc", data_dir=FIXTURES).examples("test")  # 3 questions: 2 on rank 0, 1 on rank 1
+        grouped = ev.evaluate(model, tokenizer, multirc, batch_size=2)
+        results.put((rank, accuracy, generation, grouped, classification_calls, generation_calls, len(calls)))
     finally:
         dist.destroy_process_group()
 
@@ -350,10 +460,11 @@ def test_two_ranks_match_one_process(llama, tokenizer):
     squad = get_task("squad", data_dir=FIXTURES).examples("test", num=3, seed=0)
     expected_accuracy = ev.evaluate(llama, tokenizer, classification)
     expected_generation = ev.evaluate(llama, tokenizer, squad, max_new_tokens=4)
+    expected_grouped = ev.evaluate(llama, tokenizer, get_task("multirc", data_dir=FIXTURES).examples("test"))
     for rank in (0, 1):
-        accuracy, generation, _, _ = results[rank]
+        accuracy, generation, grouped, *_ = results[rank]
         assert accuracy == pytest.approx(expected_accuracy, abs=1e-12)
         assert generation == pytest.approx(expected_generation, abs=1e-12)
+        assert grouped == pytest.approx(expected_grouped, abs=1e-12) and list(grouped) == ["f1a", "em", "accuracy"]
     # Sharded engines need the same number of forwards on every rank: rank 1 pads with dummy forwards.
-    assert results[0][2] == results[1][2]
-    assert results[0][3] == results[1][3]
+    assert results[0][3:] == results[1][3:]

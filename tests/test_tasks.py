@@ -17,6 +17,7 @@ from zo_scale.data import (
     causal_lm_batch,
     get_task,
     masked_lm_batch,
+    templates,
 )
 from zo_scale.data.encoding import encode_prompt_answer, verbalizer_token_ids
 from zo_scale.data.example import Example
@@ -48,7 +49,8 @@ def test_kinds_and_metrics():
         task = get_task(name, data_dir=FIXTURES if name in MEZO_TASKS else None)
         generation = name in ("squad", "drop")
         assert task.kind == ("generation" if generation else "classification")
-        assert task.metric == ("f1" if generation else "accuracy")
+        official = {"multirc": "f1a", "record": "f1"}  # SuperGLUE's metrics where accuracy is not one
+        assert task.metric == ("f1" if generation else official.get(name, "accuracy"))
 
 
 # --- bundled LM-BFF files ---------------------------------------------------------------------------------
@@ -221,6 +223,16 @@ def test_superglue_templates_use_the_fields():
     assert "Proposed answer: Potatoes" in multirc.prompt and multirc.candidates[multirc.label] == " No"
 
 
+def test_multirc_groups_are_questions():
+    examples = get_task("multirc", data_dir=FIXTURES).examples("train")
+    rows = [json.loads(line) for line in (FIXTURES / "multirc" / "train.jsonl").read_text().splitlines()]
+    assert [e.group for e in examples] == [(r["idx"]["paragraph"], r["idx"]["question"]) for r in rows]
+    assert examples[0].group == examples[1].group != examples[2].group
+    assert examples[0].candidate_answers == () and examples[0].meta["idx"] == rows[0]["idx"]
+    no_idx = {k: v for k, v in rows[0].items() if k != "idx"}
+    assert templates.multirc(no_idx).group is None
+
+
 def test_copa_template():
     row, copa = _first_row("copa"), get_task("copa", data_dir=FIXTURES).examples("train")[0]
     assert row["question"] == "cause" and copa.prompt == "The lights went out because"
@@ -236,6 +248,9 @@ def test_record_template():
     assert first.candidates == ("Mara now employs four people.", "Lisbon now employs four people.",
                                 "Harvest Mill now employs four people.")
     assert first.gold == (0,) and first.label == 0
+    assert first.candidate_answers == ("Mara", "Lisbon", "Harvest Mill") and first.group is None  # the entities
+    with pytest.raises(ValueError, match="one answer string per candidate"):
+        Example(prompt="p", candidates=(" a", " b"), candidate_answers=("a",))
     middle = examples[1]  # "The bread comes from @placeholder, a local supplier."
     assert middle.prompt.endswith("\nThe bread comes from") and middle.candidates[2] == " Harvest Mill, a local supplier."
     assert examples[2].answers == ("Oslo",) and examples[2].gold == (1,)  # duplicate gold answers collapse

@@ -128,7 +128,7 @@ def plot(metrics_path: Path, png_path: Path, title: str = "") -> None:
     ax.set_ylabel("loss")
     handles, labels = ax.get_legend_handles_labels()
     if evals:
-        name = next((k for k in ("accuracy", "f1") if k in evals[0]["metrics"]), None)
+        name = next(iter(evals[0]["metrics"]), None)  # evaluation puts the task's primary metric first
         if name is not None:
             ax2 = ax.twinx()
             ax2.plot([r["forward_passes"] for r in evals], [r["metrics"][name] for r in evals], "o-", color="C3",

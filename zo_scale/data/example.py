@@ -25,7 +25,17 @@ class Example:
     # label words in `verbalizers` (label order) are scored at the mask position.
     mask_context: tuple[str, str] | None = None
     verbalizers: tuple[str, ...] = ()
+    # Examples with the same group are the options of one question (MultiRC: the rows of one
+    # (paragraph, question)); evaluation scores them jointly (exact match over the whole question).
+    group: tuple | None = None
+    # The answer string each candidate stands for, when a candidate is more than its answer (ReCoRD:
+    # the entity, while the candidate is entity + rest of the query); scored against `answers` by F1/EM.
+    candidate_answers: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict, compare=False)  # source ids, for tracing only
+
+    def __post_init__(self):
+        if self.candidate_answers and len(self.candidate_answers) != len(self.candidates):
+            raise ValueError("candidate_answers needs one answer string per candidate")
 
     @property
     def is_generation(self) -> bool:

@@ -30,7 +30,7 @@ SPLITS = ("train", "dev", "test")
 class TaskSpec:
     name: str
     kind: str  # CLASSIFICATION or GENERATION
-    metric: str  # "accuracy" or "f1" (generation tasks also report "em")
+    metric: str  # the primary metric: "accuracy", "f1a" (MultiRC) or "f1" (ReCoRD, generation); see evaluate
     render: sampling.Render
     hub_path: str | None = None  # None: bundled LM-BFF task
     hub_config: str | None = None
@@ -40,10 +40,12 @@ class TaskSpec:
     fixed_classes: bool = True  # labels name the same classes in every row (False for ReCoRD, QA)
 
 
-def _superglue(name: str, render, config: str | None = None, fixed_classes: bool = True) -> TaskSpec:
+def _superglue(
+    name: str, render, config: str | None = None, fixed_classes: bool = True, metric: str = "accuracy"
+) -> TaskSpec:
     config = config or name
     local_names = tuple(dict.fromkeys((name, config)))  # e.g. "wsc" and "wsc.fixed"
-    return TaskSpec(name, CLASSIFICATION, "accuracy", render, "aps/super_glue", config, local_names, fixed_classes=fixed_classes)
+    return TaskSpec(name, CLASSIFICATION, metric, render, "aps/super_glue", config, local_names, fixed_classes=fixed_classes)
 
 
 _SPECS = (
@@ -53,9 +55,10 @@ _SPECS = (
     _superglue("boolq", templates.boolq),
     _superglue("wsc", templates.wsc, config="wsc.fixed"),
     _superglue("wic", templates.wic),
-    _superglue("multirc", templates.multirc),
+    _superglue("multirc", templates.multirc, metric="f1a"),  # SuperGLUE's official MultiRC metrics
     _superglue("copa", templates.copa),
-    _superglue("record", templates.record, fixed_classes=False),  # candidates are each row's own entities
+    # Candidates are each row's own entities; F1 of the predicted entity is SuperGLUE's ReCoRD metric.
+    _superglue("record", templates.record, fixed_classes=False, metric="f1"),
     TaskSpec("squad", GENERATION, "f1", templates.squad, "rajpurkar/squad", None, ("squad",)),
     TaskSpec("drop", GENERATION, "f1", templates.drop, "ucinlp/drop", None, ("drop",)),
     TaskSpec("sst2-lmbff", CLASSIFICATION, "accuracy", templates.sst2, test_split="test", dev_split="dev"),

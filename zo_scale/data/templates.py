@@ -130,7 +130,10 @@ def multirc(row: dict) -> Example:
         "Is the proposed answer correct?\n"
         "Answer:"
     )
-    return Example(prompt=prompt, candidates=YES_NO, label=_label(row), meta=_meta(row, "idx"))
+    idx = row.get("idx") or {}
+    # One question = one (paragraph, question) pair; its answer options are scored jointly (EM).
+    group = (idx["paragraph"], idx["question"]) if "paragraph" in idx and "question" in idx else None
+    return Example(prompt=prompt, candidates=YES_NO, label=_label(row), group=group, meta=_meta(row, "idx"))
 
 
 def copa(row: dict) -> Example:
@@ -171,6 +174,7 @@ def record(row: dict) -> Example | None:
         label=gold[0] if gold else None,
         answers=answers,
         gold=gold,
+        candidate_answers=entities,  # F1/EM compare the predicted entity, not the whole candidate
         meta=dict(row.get("idx") or {}),
     )
 
