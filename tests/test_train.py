@@ -270,6 +270,8 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     (["--set", "model.trainable=[\"nothing_matches\"]"], "matches no parameter"),
     (["--set", "peft={\"method\": \"lora\", \"target_modules\": [\"no_such_module\"]}"], "peft:"),
     (["--resume"], "no complete checkpoint"),
+    (["--set", "optimizer.eps=3e38"], "eps must be in (0, "),  # once an fp32 overflow deep in the first step
+    (["--set", "optimizer.lr=-1"], "lr must be finite and >= 0"),
 ])
 def test_bad_input_in_process(tmp_path, capsys, extra, expect):
     out = tmp_path / "run"

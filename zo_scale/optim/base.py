@@ -23,6 +23,8 @@ from zo_scale.shards import ShardView, detect_backend
 
 STATE_FORMAT = "zo_scale.optimizer.v1"
 FULL_PRECISION = (torch.float32, torch.float64)  # updated in place; anything else goes through fp32
+# The probes move weights by up to 2·ε·|z| in fp32, and |z| < 8 (Box–Muller from 32-bit uniforms).
+_MAX_EPS = torch.finfo(torch.float32).max / 16
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,8 +89,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         on_nonfinite: str = "raise",
         **hparams,
     ):
-        if lr < 0 or eps <= 0:
-            raise ValueError(f"zo_scale: need lr >= 0 and eps > 0, got lr={lr} eps={eps}")
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"zo_scale: lr must be finite and >= 0, got {lr}")
+        # the probes move weights by up to 2·ε·z in fp32: beyond this bound the step itself overflows
+        if not (0 < eps <= _MAX_EPS):
+            raise ValueError(f"zo_scale: eps must be in (0, {_MAX_EPS:g}], got {eps}")
         if n_samples < 1 or (n_samples > 1 and not self.supports_n_samples):
             raise ValueError(f"zo_scale: {type(self).__name__} does not support n_samples={n_samples}")
         if on_nonfinite not in ("raise", "skip"):
