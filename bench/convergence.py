@@ -58,6 +58,8 @@ ABLATIONS = {
     "hessian_off": {"use_hessian": False},
     "hscale_const": {"hessian_scale": 1.0},
     "hscale_loss": {"hessian_scale": "loss"},
+    "hessian_bias_correction": {"hessian_bias_correction": True},
+    "clip_none_bias_corrected": {"clip_mode": "none", "hessian_bias_correction": True},
 }
 
 # Default lr x eps grids per optimizer and mode. ZO-SGD (MeZO, HiZOO) steps lr*pg*z; HELENE's clipped

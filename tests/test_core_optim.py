@@ -88,7 +88,7 @@ class Reference:
             self.theta[n] = self.theta[n] - lr * pg * z[n] / H[n].sqrt()
         return (lp + lm) / 2
 
-    def helene(self, t, x, y, lr, m, h, *, beta1, beta2, T, k, c, gamma, mode, lam, eps_s, wd):
+    def helene(self, t, x, y, lr, m, h, *, beta1, beta2, T, k, c, gamma, mode, lam, eps_s, wd, bias_correction=False):
         z = {n: self.z(n, t) for n in self.theta}
         lp, lm = self.loss(self.shifted(EPS, z), x, y), self.loss(self.shifted(-EPS, z), x, y)
         pg = (lp - lm) / (2 * EPS)
@@ -99,10 +99,13 @@ class Reference:
             if t % k == 0:
                 scale = 1.0 / (lp + lm) if c == "loss" else c  # 'loss': c = 1/(2ℓ), ℓ = (ℓ₊+ℓ₋)/2
                 h[n] = beta2 * h[n] + (1 - beta2) * scale * g * g
+            hn = h[n] / (1 - beta2 ** (t // k + 1)) if bias_correction else h[n]
             if mode == "floor":
-                upd = m[n] / (gamma * torch.clamp(h[n], min=lam) + eps_s)
+                upd = m[n] / (gamma * torch.clamp(hn, min=lam) + eps_s)
+            elif mode == "ratio":
+                upd = torch.clamp(m[n] / (gamma * hn + eps_s), -lam, lam)
             else:
-                upd = torch.clamp(m[n] / (gamma * h[n] + eps_s), -lam, lam)
+                upd = m[n] / (gamma * hn + eps_s)
             decay = wd if v.dim() >= 2 else 0.0
             self.theta[n] = v * (1 - lr * decay) - lr * upd
         return (lp + lm) / 2
@@ -155,8 +158,15 @@ def test_hizoo_matches_float64_reference():
         dict(clip_mode="floor", clip_lambda=0.05, hessian_interval=1, weight_decay=0.0, hessian_scale=2.0),
         dict(clip_mode="ratio", clip_lambda=0.5, hessian_interval=2, weight_decay=0.1, hessian_scale=2.0),
         dict(clip_mode="ratio", clip_lambda=0.5, hessian_interval=1, weight_decay=0.0, hessian_scale="loss"),
+        dict(clip_mode="floor", clip_lambda=0.05, hessian_interval=2, weight_decay=0.0, hessian_scale=2.0,
+             hessian_bias_correction=True),
+        dict(clip_mode="ratio", clip_lambda=0.5, hessian_interval=1, weight_decay=0.0, hessian_scale="loss",
+             hessian_bias_correction=True),
+        dict(clip_mode="none", clip_lambda=0.5, hessian_interval=1, weight_decay=0.0, hessian_scale="loss",
+             hessian_bias_correction=True),
     ],
-    ids=["floor", "ratio-k2-wd", "ratio-loss-scale"],
+    ids=["floor", "ratio-k2-wd", "ratio-loss-scale", "floor-k2-bias-corrected", "ratio-bias-corrected",
+         "none-bias-corrected"],
 )
 def test_helene_matches_float64_reference(opts):
     model, (x, y) = TinyNet(), batch()
@@ -168,7 +178,8 @@ def test_helene_matches_float64_reference(opts):
     losses = run_steps(opt, model, STEPS, x, y)
     ref_losses = [
         ref.helene(t, x, y, 0.02, m, h, beta1=0.8, beta2=0.9, T=3.0, k=opts["hessian_interval"], c=opts["hessian_scale"], gamma=0.5,
-                   mode=opts["clip_mode"], lam=opts["clip_lambda"], eps_s=1e-6, wd=opts["weight_decay"])
+                   mode=opts["clip_mode"], lam=opts["clip_lambda"], eps_s=1e-6, wd=opts["weight_decay"],
+                   bias_correction=opts.get("hessian_bias_correction", False))
         for t in range(STEPS)
     ]
     assert losses == pytest.approx(ref_losses, rel=1e-10)

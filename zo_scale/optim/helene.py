@@ -34,6 +34,9 @@ class HELENE(ZOOptimizer):
                                         loss ~ ½r² (g⊙g/(2ℓ) is exactly the curvature of one squared
                                         residual), which makes m/h a Newton-like step; needs ℓ > 0
       use_hessian [True]                False: h ≡ 1 in the denominator (ablation)
+      hessian_bias_correction [False]   divide h by 1 − β2ⁿ after its n-th refresh (Adam-style): h starts
+                                        at 0, so without it the first steps divide m by a tiny h
+                                        (clip_mode 'none' then diverges at once; 'ratio' clips everything)
       gamma γ [1.0]
       clip_mode ['ratio'|'floor'|'none'], clip_lambda λ [1.0]
       lambda_rule ['uniform'|'sqrt_numel']  λ_i = λ, or λ·√(n_i / mean n) per tensor
@@ -57,6 +60,7 @@ class HELENE(ZOOptimizer):
         hessian_interval: int = 1,
         hessian_scale: float | str = "loss",
         use_hessian: bool = True,
+        hessian_bias_correction: bool = False,
         gamma: float = 1.0,
         clip_mode: str = "ratio",
         clip_lambda: float = 1.0,
@@ -86,6 +90,7 @@ class HELENE(ZOOptimizer):
             hessian_interval=hessian_interval,
             hessian_scale=hessian_scale,
             use_hessian=use_hessian,
+            hessian_bias_correction=hessian_bias_correction,
             gamma=gamma,
             clip_mode=clip_mode,
             clip_lambda=clip_lambda,
@@ -117,11 +122,26 @@ class HELENE(ZOOptimizer):
                 self.step_count, beta1=group["beta1"], anneal=group["anneal"], horizon=group["anneal_horizon"]
             ),
             "refresh": self.step_count % group["hessian_interval"] == 0,
+            "hessian_correction": self._hessian_correction(group),
         }
 
+    def _hessian_correction(self, group) -> float:
+        """1 − β2ⁿ with n the refreshes of h so far, this step's included (1.0 when not corrected)."""
+        if not (group["hessian_bias_correction"] and group["use_hessian"]):
+            return 1.0
+        refreshes = self.step_count // group["hessian_interval"] + 1
+        return 1.0 - group["beta2"] ** refreshes
+
     def _step_options(self, view, scalars) -> dict:
-        """The scalars of one HELENE update of ``view``: same for the torch math and the kernel."""
+        """The scalars of one HELENE update of ``view``: same for the torch math and the kernel.
+
+        Bias correction needs no code of its own in either: dividing h by b is the same as dividing γ by
+        b (and, for the floor, multiplying λ by b, since max(h/b, λ) = max(h, λ·b)/b)."""
         group = self.param_groups[0]
+        correction = scalars["hessian_correction"]
+        clip_lambda = group["clip_lambda"] * self.layer_lambda_scale[view.name]
+        if group["clip_mode"] == "floor":
+            clip_lambda *= correction
         return dict(
             lr=group["lr"],
             alpha=scalars["alpha"],
@@ -130,9 +150,9 @@ class HELENE(ZOOptimizer):
             refresh_hessian=scalars["refresh"],
             hessian_scale=scalars["hessian_scale"],
             use_hessian=group["use_hessian"],
-            gamma=group["gamma"],
+            gamma=group["gamma"] / correction,
             clip_mode=group["clip_mode"],
-            clip_lambda=group["clip_lambda"] * self.layer_lambda_scale[view.name],
+            clip_lambda=clip_lambda,
             stab_eps=group["stab_eps"],
             weight_decay=group["weight_decay"] if self._decays(view) else 0.0,
         )
