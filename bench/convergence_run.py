@@ -2,7 +2,7 @@
 optimizer under a forward-pass budget, evaluate dev over forward passes and test at the end, and write
 every record to a JSONL file as it goes.
 
-Also here: the two fast paths the study relies on, both checked against the library in
+Also here: what the study's hot loops call, checked against the library in
 tests/test_convergence_smoke.py:
 
 * ``answer_loss`` = ``zo_scale.data.token_loss`` (summed cross-entropy over the answer tokens, and their
@@ -10,10 +10,10 @@ tests/test_convergence_smoke.py:
   (``logits_to_keep``): the vocabulary projection is ~20 % of a SmolLM2 forward and only 1 of ~30
   positions needs it.
 * ``CandidateScorer`` = ``zo_scale.evaluate`` for causal-LM classification (length-normalised candidate
-  log-likelihood, argmax, ties to the first), but every candidate that continues the same context
-  shares one forward: for single-token label words (SST-2, SST-5) that is one forward per example
-  instead of one per candidate. Contexts are left-padded with explicit position ids and batched by
-  length.
+  log-likelihood, argmax, ties to the first) with the examples encoded once, and the dev loss from the
+  same pass. The scoring is the library's (``zo_scale.data.scoring``): candidates that continue the
+  same context share one forward, so single-token label words (SST-2, SST-5) cost one forward per
+  example instead of one per candidate.
 """
 
 from __future__ import annotations
@@ -135,68 +135,25 @@ class CandidateScorer:
     """Accuracy of causal-LM candidate scoring over a fixed list of examples (see the module doc)."""
 
     def __init__(self, tokenizer, examples, *, max_length: int | None = None, batch_size: int = 32):
-        from zo_scale.data.encoding import encode_prompt_answer, pad_id
+        from zo_scale.data.encoding import encode_prompt_answer
 
+        self.tokenizer = tokenizer
         self.examples = list(examples)
         self.batch_size = batch_size
-        self.pad = pad_id(tokenizer)
-        index: dict[tuple, int] = {}
-        self.contexts: list[tuple] = []
-        self.need: list[int] = []  # how many trailing positions each context must keep
-        self.cands: list[list[tuple[int, list[int]]]] = []  # per example, per candidate: (context, answer ids)
-        for e in self.examples:
-            per = []
-            for c in e.candidates:
-                enc = encode_prompt_answer(tokenizer, e.prompt, c, max_length)
-                ids, start = enc.ids, enc.answer_start
-                ctx = tuple(ids[:-1])
-                if ctx not in index:
-                    index[ctx] = len(self.contexts)
-                    self.contexts.append(ctx)
-                    self.need.append(0)
-                i = index[ctx]
-                self.need[i] = max(self.need[i], len(ids) - start)
-                per.append((i, ids[start:]))
-            self.cands.append(per)
-        self.by_context: list[list[tuple[int, int, list[int]]]] = [[] for _ in self.contexts]
-        for ei, per in enumerate(self.cands):
-            for ci, (i, ans) in enumerate(per):
-                self.by_context[i].append((ei, ci, ans))
-        order = sorted(range(len(self.contexts)), key=lambda i: len(self.contexts[i]))
-        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-    @property
-    def forwards_per_eval(self) -> int:
-        return len(self.contexts)
+        # Encoded once: the study scores the same examples at every evaluation.
+        self.encoded = [encode_prompt_answer(tokenizer, e.prompt, c, max_length)
+                        for e in self.examples for c in e.candidates]
 
     def scores(self, model) -> list[list[float]]:
         """Per example and candidate: the mean log-probability of the candidate's tokens."""
         return [[lp / n for lp, n in per] for per in self.logprobs(model)]
 
-    @torch.no_grad()
     def logprobs(self, model) -> list[list[tuple[float, int]]]:
         """Per example and candidate: (sum of log p of the candidate's tokens, number of tokens)."""
-        device = _model_device(model)
-        out = [[(0.0, 1)] * len(per) for per in self.cands]
-        for batch in self.batches:
-            width = max(len(self.contexts[i]) for i in batch)
-            keep = max(self.need[i] for i in batch)
-            ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-            att = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ctx = self.contexts[i]
-                ids[r, width - len(ctx):] = torch.tensor(ctx, dtype=torch.long)
-                att[r, width - len(ctx):] = 1
-            pos = (att.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
-                           logits_to_keep=keep).logits
-            logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).cpu()
-            for r, i in enumerate(batch):
-                for ei, ci, ans in self.by_context[i]:
-                    n = len(ans)
-                    rows = torch.arange(keep - n, keep)
-                    out[ei][ci] = (float(logp[r, rows, torch.tensor(ans)].sum()), n)
-        return out
+        from zo_scale.data.scoring import continuation_logprobs_from_ids
+
+        flat = iter(continuation_logprobs_from_ids(model, self.tokenizer, self.encoded, batch_size=self.batch_size))
+        return [[next(flat) for _ in e.candidates] for e in self.examples]
 
     def evaluate(self, model) -> tuple[float, float]:
         """(accuracy, answer loss) from one pass. The loss is token_loss's over the gold candidates: the

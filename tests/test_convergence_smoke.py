@@ -1,6 +1,7 @@
-"""bench/convergence.py: the --smoke study runs end to end on CPU, and its two fast paths (answer-only
-logits for the ZO loss, shared-context candidate scoring) agree with the library's token_loss and
-candidate_scores."""
+"""bench/convergence.py: the --smoke study runs end to end on CPU, and its fast ZO loss (answer-only
+logits) and its evaluation (CandidateScorer: the library's candidate scoring on examples encoded once,
+with the dev loss from the same pass) agree with the library's token_loss, candidate_scores and
+predict_candidates."""
 
 from __future__ import annotations
 

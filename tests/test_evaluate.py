@@ -15,9 +15,15 @@ import transformers
 from zo_scale import evaluate as ev
 from zo_scale.data import IGNORE_INDEX, causal_lm_batch, get_task, masked_lm_batch, token_loss
 from zo_scale.data.answer_metrics import exact_match, normalize_answer, token_f1
-from zo_scale.data.encoding import verbalizer_token_ids
+from zo_scale.data.encoding import encode_prompt_answer, verbalizer_token_ids
 from zo_scale.data.example import Example
-from zo_scale.data.scoring import candidate_scores, continuation_logprobs, greedy_answers, verbalizer_scores
+from zo_scale.data.scoring import (
+    candidate_scores,
+    continuation_logprobs,
+    greedy_answers,
+    shared_contexts,
+    verbalizer_scores,
+)
 from zo_scale.data.tokenizer_tools import OFFLINE_VOCAB_SIZE, build_offline_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
@@ -468,3 +474,118 @@ def test_two_ranks_match_one_process(llama, tokenizer):
         assert grouped == pytest.approx(expected_grouped, abs=1e-12) and list(grouped) == ["f1a", "em", "accuracy"]
     # Sharded engines need the same number of forwards on every rank: rank 1 pads with dummy forwards.
     assert results[0][3:] == results[1][3:]
+
+
+# --- shared-context scoring: one forward per context, left padding, logits of the last positions only ------
+
+
+def plain_logprob(model, tokenizer, prompt: str, continuation: str, max_length: int | None = None):
+    """(sum of log p(answer tokens), count) from one unpadded full-logits forward over the exact encoding."""
+    e = encode_prompt_answer(tokenizer, prompt, continuation, max_length)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([e.ids])).logits[0], dim=-1)
+    return sum(log_probs[t - 1, e.ids[t]].item() for t in range(e.answer_start, len(e.ids))), e.num_answer_tokens
+
+
+# Candidates of different lengths, shared contexts (single tokens after one prompt) and answers that merge
+# with the prompt's last token ("gr" + "eat" -> " great").
+MIXED_PAIRS = [
+    ("It was", " great"), ("It was", " terrible"), ("It was", " not good at all, sadly"),
+    ("It was gr", "eat"), ("It was gr", "im and long"), ("The film was terr", "ible"),
+    ("Answer: Ye", "s"), ("Answer:", " No"), ("A much longer review of the film, which was", " fine"),
+]
+
+
+def test_shared_contexts_match_plain_forwards_on_mixed_candidates(llama, tokenizer):
+    merged = [encode_prompt_answer(tokenizer, p, c) for p, c in MIXED_PAIRS[3:7]]
+    assert all(e.answer_start < len(tokenizer(p)["input_ids"]) for e, (p, _) in zip(merged, MIXED_PAIRS[3:7]))
+    for max_length in (None, 7):  # 7: prompts truncated by a different amount per candidate
+        expected = [plain_logprob(llama, tokenizer, p, c, max_length) for p, c in MIXED_PAIRS]
+        for batch_size in (1, 3, 100):
+            scored = continuation_logprobs(llama, tokenizer, MIXED_PAIRS, batch_size=batch_size, max_length=max_length)
+            for (total, n), (want, want_n) in zip(scored, expected):
+                assert n == want_n and total == pytest.approx(want, abs=1e-10)
+
+
+def test_single_token_candidates_share_one_forward(llama, tokenizer):
+    examples = get_task("sst2-lmbff").examples("dev", num=6, seed=0)
+    encoded = [encode_prompt_answer(tokenizer, e.prompt, c) for e in examples for c in e.candidates]
+    assert len(shared_contexts(encoded).contexts) == len(examples)
+    calls = []
+    hook = llama.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        candidate_scores(llama, tokenizer, examples, batch_size=4)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # 6 contexts, 4 per forward
+
+
+def tiny_causal(arch: str) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    common = dict(vocab_size=OFFLINE_VOCAB_SIZE, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, max_position_embeddings=512, **common),
+        "opt": lambda: transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                              word_embed_proj_dim=32, max_position_embeddings=512, **common),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common),
+    }[arch]()
+    return transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_left_padding_matches_unpadded_forwards(tokenizer, arch):
+    # Rotary (Llama), learned positions from the mask (OPT) and learned absolute positions (GPT-2).
+    model = tiny_causal(arch)
+    examples = get_task("sst5").examples("train", num=4, seed=1)  # different lengths -> padding
+    pairs = [(e.prompt, c) for e in examples for c in e.candidates] + MIXED_PAIRS
+    padded = continuation_logprobs(model, tokenizer, pairs, batch_size=len(pairs))
+    alone = continuation_logprobs(model, tokenizer, pairs, batch_size=1)
+    for (p, c), (a, n), (b, m) in zip(pairs, padded, alone):
+        want, want_n = plain_logprob(model, tokenizer, p, c)
+        assert n == m == want_n
+        assert a == pytest.approx(want, abs=1e-10) and b == pytest.approx(want, abs=1e-10)
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no logits_to_keep, inside an engine-like `.module` wrapper."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+class _Engine(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("wrap", ["no_logits_to_keep", "engine", "lora", "prefix"])
+def test_wrapped_models_score_as_plain_forwards(llama, tokenizer, wrap):
+    import copy
+
+    import peft
+
+    from zo_scale.data.scoring import _takes_logits_to_keep
+
+    if wrap == "no_logits_to_keep":
+        model = _Engine(_NoLogitsToKeep(llama))
+    elif wrap == "engine":
+        model = _Engine(llama)
+    else:
+        torch.manual_seed(0)
+        config = (peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+                  if wrap == "lora" else peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+        model = peft.get_peft_model(copy.deepcopy(llama), config).to(torch.float64).eval()
+    assert _takes_logits_to_keep(model) == (wrap != "no_logits_to_keep")
+    scored = continuation_logprobs(model, tokenizer, MIXED_PAIRS, batch_size=4)
+    for (p, c), (total, n) in zip(MIXED_PAIRS, scored):
+        want, want_n = plain_logprob(model, tokenizer, p, c)
+        assert n == want_n and total == pytest.approx(want, abs=1e-10)

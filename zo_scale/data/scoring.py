@@ -1,6 +1,9 @@
 """Forward passes that score examples: candidate log-likelihoods (causal LM), label-word log-probabilities
 at the mask (masked LM) and greedy decoding. Batched, without autograd, in eval mode.
 
+Candidates that continue the same context (every token but the last) share one forward, which keeps only
+the logits of the positions that predict them (`SharedContexts`, `logits_to_keep`).
+
 Sharded engines (FSDP2, DeepSpeed ZeRO-3) run collectives inside every forward, so every rank must make
 the same number of forward calls. With `sync_ranks` on (default: whenever torch.distributed runs with
 more than one rank) ranks agree on the largest number of batches and ranks with fewer run throw-away
@@ -10,13 +13,22 @@ forwards; generation also passes `synced_gpus=True` so ranks keep stepping until
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from zo_scale.data.collate import masked_lm_batch
-from zo_scale.data.encoding import encode_prompt, encode_prompt_answer, pad_id, pad_sequences
+from zo_scale.data.encoding import (
+    PromptAnswerIds,
+    encode_prompt,
+    encode_prompt_answer,
+    pad_id,
+    pad_sequences,
+    position_ids_from_mask,
+)
 from zo_scale.data.example import Example
 
 
@@ -27,8 +39,10 @@ def model_device(model) -> torch.device:
 
 
 def is_masked_lm(model) -> bool:
-    """True for *ForMaskedLM models (also when FSDP2 renames the class to FSDP<Name>)."""
+    """True for *ForMaskedLM models (also when FSDP2 renames the class to FSDP<Name>, and under peft)."""
     inner = getattr(model, "module", model)  # DeepSpeed engine / DDP keep the model in .module
+    if hasattr(inner, "get_base_model"):  # a PeftModel: its class says nothing about the head
+        inner = inner.get_base_model()
     return "MaskedLM" in type(inner).__name__
 
 
@@ -81,12 +95,6 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
-def _right_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    input_ids = pad_sequences(ids, pad, "right").to(device)
-    attention_mask = pad_sequences([[1] * len(x) for x in ids], 0, "right").to(device)
-    return input_ids, attention_mask
-
-
 def _dummy_forward(model, tokenizer, device) -> Callable:
     first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id(tokenizer)
 
@@ -100,6 +108,107 @@ def _dummy_forward(model, tokenizer, device) -> Callable:
 # --- causal LM: continuation log-likelihoods ------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SharedContexts:
+    """Continuations grouped by the forward that scores them.
+
+    The logits at position t depend only on tokens <= t, so a continuation encoded as `ids` is scored from
+    one forward over `ids[:-1]` (its context), reading its last positions. Continuations with the same
+    context share that forward: single-token label words (" great" / " terrible", " Yes" / " No") are then
+    one forward per example instead of one per candidate.
+    """
+
+    contexts: list[tuple[int, ...]]
+    keep: list[int]  # per context: how many trailing positions its continuations read
+    members: list[list[int]]  # per context: the indices of the continuations it scores
+
+
+def _scored_tokens(encoded: PromptAnswerIds) -> list[int]:
+    # The answer tokens some position predicts: a first token of the whole sequence has none.
+    return encoded.ids[max(encoded.answer_start, 1) :]
+
+
+def shared_contexts(encoded: Sequence[PromptAnswerIds]) -> SharedContexts:
+    index: dict[tuple[int, ...], int] = {}
+    groups = SharedContexts([], [], [])
+    for i, e in enumerate(encoded):
+        context = tuple(e.ids[:-1])
+        if context not in index:
+            index[context] = len(groups.contexts)
+            groups.contexts.append(context)
+            groups.keep.append(0)
+            groups.members.append([])
+        c = index[context]
+        groups.keep[c] = max(groups.keep[c], len(_scored_tokens(e)))
+        groups.members[c].append(i)
+    return groups
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the forward can run the LM head on the last positions only (transformers causal LMs)."""
+    inner = getattr(model, "module", model)  # DeepSpeed engine / DDP keep the model in .module
+    if hasattr(inner, "get_base_model"):  # peft passes keyword arguments on to the base model
+        inner = inner.get_base_model()
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def _last_logits(model, ids: list[list[int]], pad: int, keep: int, trim: bool, device) -> torch.Tensor:
+    """[B, keep, V] logits of each context's last `keep` positions: left padding aligns the ends, and
+    position ids count real tokens only, so every row sees the positions of its unpadded forward."""
+    input_ids = pad_sequences(ids, pad, "left").to(device)
+    attention_mask = pad_sequences([[1] * len(x) for x in ids], 0, "left").to(device)
+    position_ids = position_ids_from_mask(attention_mask)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    if trim:
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[:, -keep:]
+
+
+def _sum_scored(log_probs: torch.Tensor, answers: list[tuple[int, list[int]]]) -> list[float]:
+    """Per (row, answer tokens): the sum of the tokens' log-probabilities, which the row's last positions
+    predict. One gather for the whole batch."""
+    keep = log_probs.shape[1]
+    at_row, at_col, tokens, owner = [], [], [], []
+    for k, (row, answer) in enumerate(answers):
+        at_row += [row] * len(answer)
+        at_col += range(keep - len(answer), keep)
+        tokens += answer
+        owner += [k] * len(answer)
+    index = torch.tensor([at_row, at_col, tokens, owner], device=log_probs.device)
+    picked = log_probs[index[0], index[1], index[2]]
+    return torch.zeros(len(answers), dtype=picked.dtype, device=picked.device).index_add_(0, index[3], picked).tolist()
+
+
+def continuation_logprobs_from_ids(
+    model,
+    tokenizer,
+    encoded: Sequence[PromptAnswerIds],
+    *,
+    batch_size: int = 8,
+    sync_ranks: bool | None = None,
+) -> list[tuple[float, int]]:
+    """`continuation_logprobs` of already encoded continuations; batch_size counts contexts per forward."""
+    groups = shared_contexts(encoded)
+    order = sorted(range(len(groups.contexts)), key=lambda c: len(groups.contexts[c]))  # less padding
+    device = model_device(model)
+    pad = pad_id(tokenizer)
+    trim = _takes_logits_to_keep(model)
+
+    def score(batch: list[int]) -> list[tuple[int, float]]:
+        keep = max(groups.keep[c] for c in batch)
+        logits = _last_logits(model, [list(groups.contexts[c]) for c in batch], pad, keep, trim, device)
+        members = [(i, row) for row, c in enumerate(batch) for i in groups.members[c]]
+        sums = _sum_scored(_log_softmax(logits), [(row, _scored_tokens(encoded[i])) for i, row in members])
+        return [(i, total) for (i, _), total in zip(members, sums)]
+
+    with eval_mode(model):
+        results = run_in_step(
+            chunks(order, batch_size), score, _dummy_forward(model, tokenizer, device), should_sync(sync_ranks), device
+        )
+    totals = dict(item for chunk in results for item in chunk)
+    return [(totals[i], e.num_answer_tokens) for i, e in enumerate(encoded)]
+
+
 def continuation_logprobs(
     model,
     tokenizer,
@@ -111,29 +220,11 @@ def continuation_logprobs(
 ) -> list[tuple[float, int]]:
     """For each (prompt, continuation): (sum of log p(continuation tokens | prompt), number of those tokens).
 
-    Encoding is `encode_prompt_answer` (full-text tokenization, prompt truncated from the left).
+    Encoding is `encode_prompt_answer` (full-text tokenization, prompt truncated from the left). Continuations
+    sharing a context share a forward (`SharedContexts`); batch_size counts those forwards' sequences.
     """
     encoded = [encode_prompt_answer(tokenizer, prompt, cont, max_length) for prompt, cont in pairs]
-    device = model_device(model)
-    pad = pad_id(tokenizer)
-
-    def score(chunk) -> list[tuple[float, int]]:
-        input_ids, attention_mask = _right_padded([e.ids for e in chunk], pad, device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        # Token t is predicted at position t-1.
-        log_probs = _log_softmax(logits[:, :-1]).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        positions = torch.arange(log_probs.shape[1], device=device)
-        starts = torch.tensor([e.answer_start - 1 for e in chunk], device=device)
-        ends = torch.tensor([len(e.ids) - 1 for e in chunk], device=device)
-        in_answer = (positions >= starts[:, None]) & (positions < ends[:, None])
-        sums = torch.where(in_answer, log_probs, torch.zeros_like(log_probs)).sum(-1)
-        return list(zip(sums.tolist(), (e.num_answer_tokens for e in chunk)))
-
-    with eval_mode(model):
-        results = run_in_step(
-            chunks(encoded, batch_size), score, _dummy_forward(model, tokenizer, device), should_sync(sync_ranks), device
-        )
-    return [item for chunk in results for item in chunk]
+    return continuation_logprobs_from_ids(model, tokenizer, encoded, batch_size=batch_size, sync_ranks=sync_ranks)
 
 
 def candidate_scores(
