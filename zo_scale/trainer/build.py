@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zo_scale.config import ConfigError, RunConfig, optimizer_class
+from zo_scale.config import ConfigError, RunConfig, check_masked_lm, optimizer_class
 from zo_scale.distributed import DistInfo
 
 
@@ -38,24 +38,40 @@ class Built:
 
 def model_spec(cfg: RunConfig) -> dict:
     """The ``zo_scale.models.load_model_and_tokenizer`` spec of the model section."""
+    spec = source_spec(cfg)
     m = cfg.model
-    if m.arch is not None:
-        spec = {"arch": m.arch, "config": dict(m.config), "seed": m.init_seed}
-    elif m.gguf is not None:
-        spec = {"gguf": m.gguf}
-    elif m.package is not None:
-        spec = {"package": m.package}
-    else:
-        spec = {"name_or_path": m.name_or_path, "kwargs": dict(m.from_pretrained)}
     if m.tokenizer == "offline":
         from zo_scale.data.tokenizer_tools import OFFLINE_VOCAB_SIZE, build_offline_tokenizer
 
-        spec["tokenizer"] = build_offline_tokenizer()
+        # a masked LM reads "<s> text </s>" (RoBERTa), a causal LM "<s> text"
+        spec["tokenizer"] = build_offline_tokenizer(style="mlm" if model_head(cfg) == "masked" else "causal")
         if m.arch is not None:
             spec["config"].setdefault("vocab_size", OFFLINE_VOCAB_SIZE)
     elif m.tokenizer is not None:
         spec["tokenizer"] = m.tokenizer
     return spec
+
+
+def source_spec(cfg: RunConfig) -> dict:
+    """Where the weights come from (the model spec without its tokenizer)."""
+    m = cfg.model
+    if m.arch is not None:
+        return {"arch": m.arch, "config": dict(m.config), "seed": m.init_seed}
+    if m.gguf is not None:
+        return {"gguf": m.gguf}
+    if m.package is not None:
+        return {"package": m.package}
+    return {"name_or_path": m.name_or_path, "head": m.head, "kwargs": dict(m.from_pretrained)}
+
+
+def model_head(cfg: RunConfig) -> str:
+    """"masked" or "causal": known from the config, or read from the checkpoint's config.json (cached)."""
+    from zo_scale.models import model_head as head_of_spec
+
+    try:
+        return head_of_spec(source_spec(cfg))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model: {_one_line(e)}") from None
 
 
 def deepspeed_config(cfg: RunConfig, world: int) -> dict:
@@ -79,11 +95,16 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
 
 def build(cfg: RunConfig, info: DistInfo) -> Built:
     """Model and tokenizer, adapter or trainable subset, then the backend around them."""
+    masked = model_head(cfg) == "masked"
+    if masked:  # checked by the config already unless the checkpoint's config.json had to say
+        check_masked_lm(cfg)
     ds_config = deepspeed_config(cfg, info.world_size) if cfg.backend == "deepspeed" else None
     model, tokenizer, keepalive = load(cfg, info, ds_config)
+    if masked and tokenizer.mask_token is None:
+        raise ConfigError("model.tokenizer has no mask token, which a masked LM needs")
     is_peft = cfg.peft is not None
     if is_peft:
-        model = apply_peft(cfg, model)
+        model = apply_peft(cfg, model, masked)
     elif cfg.model.trainable is not None:
         select_trainable(model, cfg.model.trainable)
     if not any(p.requires_grad for p in model.parameters()):
@@ -134,16 +155,18 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def apply_peft(cfg: RunConfig, model):
+def apply_peft(cfg: RunConfig, model, masked: bool):
     """Wrap with a peft adapter: only the adapter's parameters have requires_grad, so ZO touches only them.
-    Its random init (LoRA's A) is seeded from the run seed: the same on every rank and every run."""
+    Its random init (LoRA's A) is seeded from the run seed: the same on every rank and every run.
+    peft has no masked-LM task type; without one, LoRA wraps the model in a plain PeftModel whose forward
+    is the model's (MLM logits and all)."""
     import peft
 
     options = dict(cfg.peft)
     method = options.pop("method")
     cls = {"lora": peft.LoraConfig, "prefix": peft.PrefixTuningConfig}[method]
     try:
-        peft_config = cls(task_type="CAUSAL_LM", **options)
+        peft_config = cls(task_type=None if masked else "CAUSAL_LM", **options)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = peft.get_peft_model(model, peft_config)
@@ -174,7 +197,11 @@ def wrap_fsdp2(model, cfg: RunConfig):
     opts = {"reshard_after_forward": cfg.fsdp2.reshard_after_forward if cfg.fsdp2 else True}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_classes = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    # A unit holding a tied parameter (RoBERTa's embeddings share theirs with the LM head) is left to the
+    # root: FSDP2 needs every user of a parameter in one group.
+    tied = _tied_parameters(model)
+    layers = [m for m in model.modules()
+              if type(m).__name__ in layer_classes and not any(id(p) in tied for p in m.parameters())]
     if not layers:
         raise ConfigError(f"backend fsdp2: cannot find the decoder layers of {type(base).__name__} (_no_split_modules)")
     for layer in layers:
@@ -184,6 +211,14 @@ def wrap_fsdp2(model, cfg: RunConfig):
     ignored = {p for p in encoders.parameters()} if encoders is not None else None
     fully_shard(model, ignored_params=ignored, **opts)
     return model
+
+
+def _tied_parameters(model) -> set[int]:
+    """ids of parameters registered under more than one name."""
+    seen, tied = set(), set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (tied if id(p) in seen else seen).add(id(p))
+    return tied
 
 
 def build_optimizer(cfg: RunConfig, built: Built):

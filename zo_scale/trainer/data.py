@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from zo_scale.config import ConfigError, RunConfig
-from zo_scale.data import MEZO_NUM_DEV, MEZO_NUM_TEST, MEZO_NUM_TRAIN, causal_lm_batch, get_task
+from zo_scale.data import (MEZO_NUM_DEV, MEZO_NUM_TEST, MEZO_NUM_TRAIN, causal_lm_batch, get_task,
+                           masked_lm_batch)
+from zo_scale.trainer.build import model_head
 
 
 def load_splits(cfg: RunConfig) -> dict[str, list]:
@@ -76,7 +78,7 @@ class BatchOrder:
 @dataclass
 class StepBatch:
     examples: list  # this rank's examples
-    tensors: dict[str, torch.Tensor]  # this rank's causal-LM batch
+    tensors: dict[str, torch.Tensor]  # this rank's causal-LM or masked-LM batch
     global_tokens: int  # non-padding tokens in the whole global batch (for tokens/s)
 
 
@@ -84,8 +86,12 @@ def local_batch(cfg: RunConfig, tokenizer, examples: list, rank: int, world: int
     """Tokenize the global batch (identically on every rank) and keep this rank's rows."""
     per = len(examples) // world
     lo, hi = rank * per, (rank + 1) * per
-    full = causal_lm_batch(tokenizer, examples, loss_on=cfg.task.loss_on, max_length=cfg.task.max_length)
-    mine = {k: v[lo:hi] for k, v in full.items()}
+    if model_head(cfg) == "masked":  # the config says (an arch's head, or the checkpoint's, read once)
+        full = masked_lm_batch(tokenizer, examples, max_length=cfg.task.max_length)
+    else:
+        full = causal_lm_batch(tokenizer, examples, loss_on=cfg.task.loss_on, max_length=cfg.task.max_length)
+    # per-row tensors; a masked-LM batch's verbalizer_ids [C] are shared by all rows
+    mine = {k: v if k == "verbalizer_ids" else v[lo:hi] for k, v in full.items()}
     width = int(mine["attention_mask"].sum(1).max())  # right padding: drop columns no local row uses
-    mine = {k: v[:, :width].contiguous() for k, v in mine.items()}
+    mine = {k: v[:, :width].contiguous() if v.dim() == 2 else v for k, v in mine.items()}
     return StepBatch(examples[lo:hi], mine, int(full["attention_mask"].sum()))

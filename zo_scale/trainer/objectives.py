@@ -2,13 +2,17 @@
 optimizer all-reduces into a global weighted mean.
 
 * ``loss``: token cross-entropy (``zo_scale.data.token_loss``) on the answer tokens or the whole text
-  (``task.loss_on``): MeZO's objective; weight = labeled tokens.
+  (``task.loss_on``): MeZO's objective; weight = labeled tokens. For a masked LM the batch is a
+  ``masked_lm_batch`` and this is LM-BFF's loss: cross-entropy over the label words at the mask,
+  weight = examples.
 * ``candidates``: cross-entropy of the gold candidate against the other candidates, from their
   (length-normalised) log-likelihoods: the LM-BFF classification loss, for a causal LM. It trains
   the *choice* between the label words directly instead of their probability among the whole
   vocabulary, so a model that starts biased towards one label word gets a useful signal at once.
-  Classification tasks only; weight = examples. It scores every candidate: (candidates) forwards.
-* ``accuracy``: minus the accuracy (or F1) of the predictions: non-differentiable, fine for ZO.
+  Classification tasks only; weight = examples. One forward per distinct scoring context: one per
+  example when the label words are single tokens (``zo_scale.data.scoring.shared_contexts``).
+* ``accuracy``: minus the accuracy (or F1) of the predictions: non-differentiable, fine for ZO (a masked
+  LM predicts with its label words at the mask).
 """
 
 from __future__ import annotations
