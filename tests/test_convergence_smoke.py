@@ -142,3 +142,26 @@ def test_fast_paths_match_the_library():
             batch = causal_lm_batch(tok, ex[:6])
             (s1, n1), (s2, n2) = answer_loss(model, batch), token_loss(model, batch)
             assert n1 == n2 and float(s1) == pytest.approx(float(s2), rel=1e-5)
+
+
+def test_norm_mode_and_candidates_objective():
+    """mode 'norm' trains the final norm only; the 'candidates' objective's dev loss is the trainer's
+    candidate cross-entropy, and its training closure is that same function."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from convergence_run import CandidateScorer, RunConfig, fresh_model, training_closure
+    finally:
+        sys.path.remove(str(BENCH))
+    from zo_scale.data import get_task
+    from zo_scale.trainer.objectives import candidate_cross_entropy
+
+    model, tok = fresh_model("tiny", torch.float32, "cpu", "norm", {}, seed=0)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model.norm.weight"]
+    ex = get_task("sst5").examples("train", k_per_class=2, seed=1)
+    total, n = candidate_cross_entropy(model, tok, ex)
+    _, dev_loss = CandidateScorer(tok, ex, batch_size=4).evaluate(model, "candidates")
+    assert dev_loss == pytest.approx(float(total) / n, rel=1e-6)
+    cfg = RunConfig(run_id="", out="", task="sst5", k=2, seed=1, mode="norm", optimizer="mezo", hp={},
+                    objective="candidates")
+    closure_total, closure_n = training_closure(cfg, model, tok, ex)()
+    assert closure_n == n and float(closure_total) == pytest.approx(float(total), rel=1e-6)  # other batching
