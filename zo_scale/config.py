@@ -82,6 +82,9 @@ class TrainConfig:
     on_nonfinite: Literal["raise", "skip"] = "raise"
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a tqdm bar on a terminal, log lines otherwise
     log_every: int = 10  # steps between log lines (when there is no bar)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # zo_scale/trainer/schedule.py
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.0  # linear / cosine: the fraction of lr the decay ends at
 
 
 @dataclass
@@ -297,6 +300,9 @@ def validate(cfg: RunConfig) -> None:
     _positive("train.steps", t.steps, zero_ok=True)
     _positive("train.batch_size", t.batch_size)
     _positive("train.log_every", t.log_every)
+    _positive("train.warmup_steps", t.warmup_steps, zero_ok=True)
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _positive("eval.every", e.every, zero_ok=True)
     _positive("eval.batch_size", e.batch_size)
     _positive("eval.max_new_tokens", e.max_new_tokens)

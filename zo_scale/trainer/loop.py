@@ -22,6 +22,7 @@ from zo_scale.export import export_model
 from zo_scale.trainer.build import Built
 from zo_scale.trainer.data import BatchOrder, local_batch
 from zo_scale.trainer.objectives import make_closure
+from zo_scale.trainer.schedule import lr_factor
 
 # Config keys a resumed run may change; anything else must match the checkpoint's config.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.on_nonfinite", "train.progress", "eval.", "checkpoint.",
@@ -80,6 +81,7 @@ class Trainer:
         for step in range(self.state.step, cfg.train.steps):
             batch = local_batch(cfg, self.built.tokenizer, self._global_examples(step), self.rank, self.world)
             before = opt.forward_passes
+            self._set_lr(step)
             t0 = time.perf_counter()
             opt.step(self._closure(batch))
             dt = time.perf_counter() - t0
@@ -114,6 +116,13 @@ class Trainer:
     def _global_examples(self, step: int) -> list:
         train = self.splits["train"]
         return [train[i] for i in self.order.indices(step)]
+
+    def _set_lr(self, step: int) -> None:
+        t = self.cfg.train
+        factor = lr_factor(step, steps=t.steps, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
+                           min_lr_ratio=t.min_lr_ratio)
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.optimizer["lr"] * factor
 
     def _closure(self, batch):
         return make_closure(self.cfg.task.objective, self.built.model, self.built.tokenizer, batch, self.eval_options)
@@ -296,13 +305,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _section_defaults() -> dict:
+    """Flattened defaults of the config sections that have them all (task.name, train.lr_schedule, ...)."""
+    from zo_scale import config as c
+
+    sections = {"model": c.ModelConfig, "task": c.TaskConfig, "train": c.TrainConfig, "eval": c.EvalConfig,
+                "checkpoint": c.CheckpointConfig, "distributed": c.DistributedConfig}
+    return _flatten({name: dataclasses.asdict(cls()) for name, cls in sections.items()})
+
+
 def check_resumable(saved: dict, current: dict, ckpt: Path) -> None:
     """A checkpoint continues only the run that wrote it: same model, data, optimizer and seed."""
     from zo_scale.config import ConfigError
 
     a, b = _flatten(saved), _flatten(current)
+    defaults = _section_defaults()  # a key added since the checkpoint was written matches at its default
     differ = sorted(k for k in set(a) | set(b)
-                    if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+                    if a.get(k, defaults.get(k)) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if differ:
         k = differ[0]
         raise ConfigError(f"cannot resume from {ckpt}: the config differs in {', '.join(differ)} "
