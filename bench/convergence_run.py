@@ -249,8 +249,10 @@ def forwards_per_step(opt) -> int:
     return 3 if type(opt).__name__ == "HiZOO" else 2 * opt.n_samples
 
 
-def test_subset(examples, limit: int):
-    """The first ``limit`` of a fixed (seed 0) permutation of the test file: the same for every run."""
+def fixed_subset(examples, limit: int):
+    """``limit`` examples picked by a fixed (seed 0) permutation, kept in their order: the same for every run
+    given the same list. Never a prefix: k-per-class lists are in sampling order, and SST-2's positive class
+    (52 % of train) fills its k first, so a prefix of its dev list is almost all positive."""
     if not limit or limit >= len(examples):
         return list(examples)
     order = list(range(len(examples)))
@@ -263,8 +265,7 @@ def load_splits(cfg: RunConfig):
 
     task = get_task(cfg.task)
     splits = task.sample_splits(seed=cfg.seed, k_per_class=cfg.k)
-    dev = splits["dev"][: cfg.dev_limit] if cfg.dev_limit else splits["dev"]
-    return splits["train"], dev, test_subset(splits["test"], cfg.test_limit)
+    return splits["train"], fixed_subset(splits["dev"], cfg.dev_limit), fixed_subset(splits["test"], cfg.test_limit)
 
 
 class TrainStream:

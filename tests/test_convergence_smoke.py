@@ -165,3 +165,18 @@ def test_norm_mode_and_candidates_objective():
                     objective="candidates")
     closure_total, closure_n = training_closure(cfg, model, tok, ex)()
     assert closure_n == n and float(closure_total) == pytest.approx(float(total), rel=1e-6)  # other batching
+
+
+def test_dev_limit_takes_a_balanced_subset_not_a_prefix():
+    """k-per-class dev lists are in sampling order: SST-2's first 100 dev examples at k=512 held 99
+    positives, which made the zero-shot 'always great' model look 75-81 % accurate on dev."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from convergence_run import RunConfig, load_splits
+    finally:
+        sys.path.remove(str(BENCH))
+    cfg = RunConfig(run_id="", out="", task="sst2-lmbff", k=512, seed=13, mode="norm", optimizer="mezo", hp={},
+                    dev_limit=100, test_limit=300)
+    _, dev, test = load_splits(cfg)
+    assert len(dev) == 100 and len(test) == 300
+    assert 35 <= sum(e.label for e in dev) <= 65
