@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from zo_scale.checkpoint import load_optimizer_state, save_optimizer_state
+from zo_scale.shards import fill_from_slices
 
 FORMAT = "zo_scale.run_checkpoint.v1"
 BEST_DIR = "best"
@@ -265,17 +266,5 @@ def load_param_slices(directory: Path, opt) -> None:
 
 def _fill(view, pieces: list[dict]) -> None:
     """Copy this view's global range out of the saved slices that overlap it."""
-    covered = 0
-    for piece in pieces:
-        entry = piece.get(view.name)
-        if entry is None:
-            continue
-        if entry["global_numel"] != view.global_numel:
-            raise ValueError(f"checkpoint: {view.name} has {entry['global_numel']} elements, the model {view.global_numel}")
-        lo, hi = max(entry["start"], view.start), min(entry["end"], view.end)
-        if lo < hi:
-            src = entry["tensor"][lo - entry["start"] : hi - entry["start"]]
-            view.local[lo - view.start : hi - view.start].copy_(src)
-            covered += hi - lo
-    if covered != view.numel:
-        raise ValueError(f"checkpoint covers {covered} of {view.numel} local elements of {view.name}")
+    slices = [(e["start"], e["global_numel"], e["tensor"]) for e in (piece.get(view.name) for piece in pieces) if e]
+    fill_from_slices(view.local, view, slices, view.name)

@@ -112,3 +112,26 @@ def detect_backend(model) -> Backend:
     from zo_scale import backends
 
     return backends.detect(model)
+
+
+def fill_from_slices(dest: torch.Tensor, view: ShardView, slices, what: str) -> None:
+    """Copy ``view``'s global range into ``dest`` (shaped like ``view.local``) out of saved slices
+    ``(start, global_numel, tensor)`` of the same parameter, saved on any world size or backend.
+
+    Replicated parameters (a plain module on several ranks, the prefix encoder FSDP2 leaves unsharded)
+    are saved whole by every rank: overlapping slices hold the same values, so coverage is their union.
+    """
+    spans = []
+    for start, global_numel, tensor in slices:
+        if global_numel != view.global_numel:
+            raise ValueError(f"zo_scale: {what} has {view.global_numel} elements but the checkpoint has {global_numel}")
+        lo, hi = max(start, view.start), min(start + tensor.numel(), view.end)
+        if lo < hi:
+            dest[lo - view.start : hi - view.start].copy_(tensor[lo - start : hi - start])
+            spans.append((lo, hi))
+    covered, reach = 0, view.start
+    for lo, hi in sorted(spans):
+        covered += max(0, hi - max(lo, reach))
+        reach = max(reach, hi)
+    if covered != view.numel:
+        raise ValueError(f"zo_scale: checkpoint covers {covered} of {view.numel} local elements of {what}")

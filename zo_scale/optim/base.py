@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from zo_scale import rng
-from zo_scale.shards import ShardView, detect_backend
+from zo_scale.shards import ShardView, detect_backend, fill_from_slices
 
 STATE_FORMAT = "zo_scale.optimizer.v1"
 FULL_PRECISION = (torch.float32, torch.float64)  # updated in place; anything else goes through fp32
@@ -392,19 +392,6 @@ class ZOOptimizer(torch.optim.Optimizer):
 
 
 def _fill_from_pieces(dest: torch.Tensor, view: ShardView, sname: str, pieces: list[dict]) -> None:
-    covered = 0
-    for sd in pieces:
-        entry = sd["shards"].get(view.name)
-        if entry is None or sname not in entry["tensors"]:
-            continue
-        if entry["global_numel"] != view.global_numel:
-            raise ValueError(f"zo_scale: {view.name} has {view.global_numel} elements but the checkpoint has {entry['global_numel']}")
-        lo, hi = max(entry["start"], view.start), min(entry["end"], view.end)
-        if lo < hi:
-            src = entry["tensors"][sname][lo - entry["start"] : hi - entry["start"]]
-            dest[lo - view.start : hi - view.start].copy_(src)
-            covered += hi - lo
-    if covered != view.numel:
-        raise ValueError(
-            f"zo_scale: checkpoint covers {covered} of {view.numel} local elements of {view.name}/{sname}"
-        )
+    entries = (sd["shards"].get(view.name) for sd in pieces)
+    slices = [(e["start"], e["global_numel"], e["tensors"][sname]) for e in entries if e and sname in e["tensors"]]
+    fill_from_slices(dest, view, slices, f"{view.name}/{sname}")
