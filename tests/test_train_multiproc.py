@@ -92,6 +92,53 @@ def assert_export_is_consolidated(out: Path) -> None:
         assert torch.equal(flat, weight.view(-1)), name
 
 
+BUILD_WORKER = str(REPO / "tests" / "dist_scripts" / "build_worker.py")
+LORA = '{"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}'
+BUILD_CASES = {  # name -> config, overrides: an untied Llama (rotary buffers), PEFT, tied embeddings, bf16
+    "llama": [TINY_FSDP],
+    "lora": [TINY_FSDP, f"peft={LORA}"],
+    "prefix": [TINY_FSDP, 'peft={"method": "prefix", "num_virtual_tokens": 4}'],
+    "opt_bf16": [TINY_FSDP, 'model={"arch": "opt", "tokenizer": "offline", "dtype": "bfloat16"}'],
+    "roberta": [str(REPO / "configs" / "tiny-roberta-lmbff.json")],
+}
+
+
+def test_fsdp2_loads_on_rank0_only(tmp_path):
+    """FSDP2 on two ranks: rank 1 builds a meta skeleton (no weight storage before sharding) and gets its
+    shards from rank 0, yet every rank ends with what one process loads: the same weights, non-persistent
+    buffers, weight ties, tokenizer and logits."""
+    import sys
+
+    import torch
+
+    from zo_scale.config import load_config
+    from zo_scale.distributed import DistInfo
+    from zo_scale.trainer.build import build
+
+    sys.path.insert(0, str(REPO / "tests" / "dist_scripts"))
+    from build_worker import snapshot
+
+    run_multiproc([VENV_BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port()), BUILD_WORKER, tmp_path, json.dumps(BUILD_CASES)],
+                  env=OFFLINE, timeout=180)
+    single = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
+    for name, (config, *sets) in BUILD_CASES.items():
+        one = build(load_config(config, [*sets, "backend=none"]), single)
+        ref = snapshot(one, one.module.state_dict())
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        assert ranks[0]["loaded_bytes"] == ref["loaded_bytes"] > 0, name
+        assert ranks[1]["loaded_bytes"] == 0, name  # never more than its shards
+        for got in ranks:
+            assert got["state"].keys() == ref["state"].keys(), name
+            for key, value in ref["state"].items():
+                assert torch.equal(got["state"][key], value), (name, key)
+            assert got["buffers"].keys() == ref["buffers"].keys(), name
+            for key, value in ref["buffers"].items():
+                assert torch.equal(got["buffers"][key], value), (name, key)
+            assert (got["tied"], got["ids"], got["vocab"]) == (ref["tied"], ref["ids"], ref["vocab"]), name
+            torch.testing.assert_close(got["logits"], ref["logits"], msg=name)
+
+
 def test_deepspeed_zero3(tmp_path, reference):
     out = tmp_path / "run"
     # On a machine without GPUs the deepspeed launcher still starts --num_gpus processes (CPU accelerator).
@@ -155,6 +202,20 @@ def test_resume_on_another_world_size(tmp_path, reference):
                    *_sets(out, "backend=deepspeed", 'deepspeed={"zero_optimization": {"stage": 3}}', "train.steps=8"),
                    "--resume"], env=OFFLINE, timeout=150)
     assert [x["step"] for x in records(out)] == list(range(1, 9))
+
+
+def test_prefix_tuning_on_fsdp2_resumes_in_one_process(tmp_path):
+    """The prefix encoder stays replicated under FSDP2, so both ranks save it whole; loading those two
+    copies (resume, and the best-dev weights at the end) once failed with 'covers 1024 of 512'."""
+    out = tmp_path / "run"
+    prefix = ('peft={"method": "prefix", "num_virtual_tokens": 4}', "eval.every=1", "optimizer.lr=3e-2")
+    run_multiproc([VENV_BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port()), TRAIN, "--config", TINY_FSDP, *_sets(out, *prefix, "train.steps=3")],
+                  env=OFFLINE, timeout=150)
+    run_multiproc([PYTHON, TRAIN, "--config", TINY_FSDP, *_sets(out, *prefix, "backend=none"), "--resume"],
+                  env=OFFLINE, timeout=120)
+    assert [x["step"] for x in records(out)] == list(range(1, 7))
+    check_outputs(out, adapter=True)
 
 
 def test_batch_must_split_evenly(tmp_path):

@@ -99,6 +99,15 @@ def load_model_and_tokenizer(spec: dict, dtype: torch.dtype = torch.float32, dev
     return model, tokenizer
 
 
+def build_skeleton(config, head: str, dtype: torch.dtype = torch.float32):
+    """The model a loaded ``config`` (a transformers config) describes, with every parameter and buffer on
+    the meta device: the names, shapes, dtypes and weight ties of :func:`load_model_and_tokenizer`'s model,
+    and no storage. FSDP2 shards it and fills the shards (zo_scale.trainer.build)."""
+    with torch.device("meta"):
+        model = auto_class(head).from_config(config)
+    return model.to(dtype).eval()
+
+
 def model_head(spec: dict) -> str:
     """"causal" or "masked": an arch's own head; for ``name_or_path``, ``spec["head"]`` if set, else the
     checkpoint config's (``architectures`` naming a ``*ForMaskedLM``)."""

@@ -5,8 +5,10 @@ Backends, the way their users set them up:
 * ``none``: the plain module on this rank's device (one process; with several ranks every rank
   holds the whole model and applies the same update).
 * ``fsdp2``: ``fully_shard`` on every decoder layer (the model's ``_no_split_modules`` classes), then
-  on the root. Each rank loads the full model on CPU first, so this suits models that fit in host
-  memory once per rank; use ``deepspeed`` for the largest.
+  on the root, the way torchtitan does it: only rank 0 loads the model (on CPU); the other ranks build
+  it on the meta device from rank 0's config (no storage), every rank shards its copy, and
+  ``set_model_state_dict(broadcast_from_rank0=True)`` fills each rank's shards from rank 0's weights,
+  one tensor at a time. Host memory: the whole model once (rank 0), not once per rank.
 * ``deepspeed``: ``HfDeepSpeedConfig`` is alive while transformers loads the model, so
   ``from_pretrained`` builds it under ``deepspeed.zero.Init``: weights are partitioned as they load
   and no rank ever holds the whole model. ``deepspeed.initialize`` then returns the engine (no
@@ -15,6 +17,7 @@ Backends, the way their users set them up:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass
@@ -34,6 +37,9 @@ class Built:
     is_peft: bool
     ds_config: dict | None = None
     _keepalive: object = None  # HfDeepSpeedConfig must outlive from_pretrained
+    # bytes of real (non-meta) parameter and buffer storage this rank held before the backend sharded the
+    # model: 0 on FSDP2's ranks other than 0 (meta skeletons)
+    loaded_bytes: int = 0
 
 
 def model_spec(cfg: RunConfig) -> dict:
@@ -109,23 +115,22 @@ def build(cfg: RunConfig, info: DistInfo) -> Built:
         select_trainable(model, cfg.model.trainable)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters")
+    loaded_bytes = storage_bytes(model)
     module = model
     if cfg.backend == "fsdp2":
-        model = module = wrap_fsdp2(model.to(info.device), cfg)
+        model = module = wrap_fsdp2(model, cfg, info)
     elif cfg.backend == "deepspeed":
         import deepspeed
 
         model, *_ = deepspeed.initialize(model=model, config=ds_config)
         module = model.module
     model.eval()  # ZO forwards run without dropout
-    return Built(model, module, tokenizer, cfg.backend, is_peft, ds_config, keepalive)
+    return Built(model, module, tokenizer, cfg.backend, is_peft, ds_config, keepalive, loaded_bytes)
 
 
 def load(cfg: RunConfig, info: DistInfo, ds_config: dict | None):
     """(model, tokenizer, HfDeepSpeedConfig or None). A load failure (missing file, no network, bad
     GGUF) is bad input: one line, exit code 2."""
-    from zo_scale.models import load_model_and_tokenizer
-
     keepalive = None
     if ds_config is not None:
         import deepspeed
@@ -136,11 +141,10 @@ def load(cfg: RunConfig, info: DistInfo, ds_config: dict | None):
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         if cfg.model.arch is None:  # pretrained weights load straight into their partitions
             keepalive = HfDeepSpeedConfig(ds_config)
-    device = info.device if cfg.backend == "none" else None
-    try:
-        model, tokenizer = load_model_and_tokenizer(model_spec(cfg), getattr(torch, cfg.model.dtype), device=device)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        raise ConfigError(f"model: {_one_line(e)}") from None
+    if cfg.backend == "fsdp2" and info.world_size > 1:
+        model, tokenizer = _load_on_rank0(cfg, info)
+    else:
+        model, tokenizer = _load_here(cfg, info.device if cfg.backend == "none" else None)
     if ds_config is not None and keepalive is None:
         # A random-init (test-sized) model is built whole, as for the other backends, so its initial weights
         # are the same whatever the backend; deepspeed.initialize partitions it.
@@ -148,6 +152,49 @@ def load(cfg: RunConfig, info: DistInfo, ds_config: dict | None):
 
         keepalive = HfDeepSpeedConfig(ds_config)
     return model, tokenizer, keepalive
+
+
+def _load_here(cfg: RunConfig, device):
+    from zo_scale.models import load_model_and_tokenizer
+
+    try:
+        return load_model_and_tokenizer(model_spec(cfg), getattr(torch, cfg.model.dtype), device=device)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"model: {_one_line(e)}") from None
+
+
+def _load_on_rank0(cfg: RunConfig, info: DistInfo):
+    """FSDP2 on several ranks: rank 0 loads the model on CPU and sends its config and tokenizer; the
+    others build the same model on the meta device (shapes, no storage) for wrap_fsdp2 to fill. Every
+    model source works so: a GGUF file's config, known only once dequantised, comes from rank 0 too."""
+    import torch.distributed as dist
+
+    from zo_scale.models import build_skeleton
+
+    model, sent = None, [None]
+    if info.rank == 0:
+        try:
+            model, tokenizer = _load_here(cfg, None)
+            sent = [(model.config, tokenizer)]
+        except ConfigError as e:
+            sent = [e]  # the other ranks stop with the same one line instead of waiting for weights
+    dist.broadcast_object_list(sent, src=0)
+    if isinstance(sent[0], ConfigError):
+        raise sent[0]
+    if model is None:
+        config, tokenizer = sent[0]
+        model = build_skeleton(config, model_head(cfg), getattr(torch, cfg.model.dtype))
+    return model, tokenizer
+
+
+def storage_bytes(model: torch.nn.Module) -> int:
+    """Bytes of real (non-meta) storage behind ``model``'s parameters and buffers, each storage once."""
+    sizes = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if not t.is_meta:
+            storage = t.untyped_storage()
+            sizes[storage.data_ptr()] = storage.nbytes()
+    return sum(sizes.values())
 
 
 def _one_line(e: BaseException) -> str:
@@ -190,10 +237,19 @@ def select_trainable(model, patterns: list[str]) -> None:
         raise ConfigError(f"model.trainable {patterns} matches no parameter; names look like {names[0]!r}, {names[-1]!r}")
 
 
-def wrap_fsdp2(model, cfg: RunConfig):
-    """fully_shard every decoder layer (the classes transformers marks as not to be split), then the root."""
+def wrap_fsdp2(model, cfg: RunConfig, info: DistInfo):
+    """fully_shard every decoder layer (the classes transformers marks as not to be split), then the root.
+    fully_shard moves what it shards to the device one unit at a time, so no device holds the whole model.
+    On several ranks, rank 0's weights then fill every rank's shards (the other ranks' models are meta
+    skeletons, see load): the same initial weights as one process loading the model."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
+    broadcast, full = dist.get_world_size() > 1, {}
+    if broadcast and info.rank == 0:  # the loaded weights, detached: they stay on CPU when fully_shard moves them
+        with _each_module_once(model):
+            full = model.state_dict()
     opts = {"reshard_after_forward": cfg.fsdp2.reshard_after_forward if cfg.fsdp2 else True}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_classes = set(getattr(base, "_no_split_modules", None) or [])
@@ -209,8 +265,50 @@ def wrap_fsdp2(model, cfg: RunConfig):
     # peft's prompt encoder (prefix tuning) runs outside the root's unshard: keep it replicated (it is tiny)
     encoders = getattr(model, "prompt_encoder", None)
     ignored = {p for p in encoders.parameters()} if encoders is not None else None
+    on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    if encoders is not None and not on_meta:
+        encoders.to(info.device)  # fully_shard moves only what it manages
     fully_shard(model, ignored_params=ignored, **opts)
+    if broadcast:
+        if on_meta:  # allocate this rank's shards (and the replicated rest): uninitialised until filled
+            model.to_empty(device=info.device)
+        # In place (not assign=True), so tied weights (OPT's and RoBERTa's embeddings/LM head) stay one tensor.
+        with _each_module_once(model):
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        # Non-persistent buffers (Llama's rotary inv_freq, RoBERTa's position_ids) are not in a state dict:
+        # copy rank 0's, which the modules computed from the config when it was loaded. Exact and the same
+        # for every architecture (re-running each module's own init would need per-model code); they are small.
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if name in module._non_persistent_buffers_set:
+                    dist.broadcast(buffer, src=0)
     return model
+
+
+@contextlib.contextmanager
+def _each_module_once(model):
+    """Unregister, while the block runs, every further name of a module registered under several (peft's
+    prefix tuning keeps the input embeddings as ``word_embeddings`` too): set_model_state_dict fills each
+    module once, under its first name, and load_state_dict would then miss the weights of the others."""
+    seen, children_of = set(), {}
+
+    def walk(module):  # depth first, the order in which set_model_state_dict names the modules
+        seen.add(module)
+        for name, child in list(module._modules.items()):
+            if child in seen:
+                children_of.setdefault(module, dict(module._modules))
+                del module._modules[name]
+            elif child is not None:
+                walk(child)
+
+    walk(model)
+    try:
+        yield
+    finally:
+        for module, children in children_of.items():  # back, in their order
+            module._modules.clear()
+            module._modules.update(children)
 
 
 def _tied_parameters(model) -> set[int]:
