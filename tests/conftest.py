@@ -173,3 +173,13 @@ def mlm_tokenizer():
     from zo_scale.data.tokenizer_tools import build_offline_tokenizer
 
     return build_offline_tokenizer(style="mlm")
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Tiny models on a shared CPU: extra intra-op threads only add contention (10x slower under load).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

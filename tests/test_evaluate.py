@@ -62,13 +62,7 @@ def tiny_roberta(seed: int = 0) -> transformers.RobertaForMaskedLM:
     return transformers.RobertaForMaskedLM(config).to(torch.float64).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    # Tiny models on a shared CPU: extra intra-op threads only add contention (10x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 

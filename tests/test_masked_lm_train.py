@@ -23,13 +23,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 LORA = '{"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    # Tiny models on a shared 2-core CPU: extra intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _sets(out: Path, *extra: str) -> list[str]:
