@@ -53,6 +53,7 @@ TASKS = ("sst2-lmbff", "sst5", "trec")
 # point when the grid itself sets that option).
 ABLATIONS = {
     "anneal_off": {"anneal": "none"},
+    "anneal_to_ema": {"anneal": "exp_ema"},
     "clip_none": {"clip_mode": "none"},
     "clip_ratio": {"clip_mode": "ratio"},
     "clip_floor": {"clip_mode": "floor"},
@@ -118,7 +119,7 @@ PRESETS = {
         grid={"norm": {"mezo": {"lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "eps": [1e-3]},
                        "hizoo": {"lr": [1e-3, 1e-2, 3e-2, 1e-1], "eps": [1e-3]},
                        "helene": {"lr": [3e-3, 1e-2, 3e-2, 1e-1], "eps": [1e-3]}}},
-        ablation=["anneal_off", "clip_none", "clip_floor", "hessian_off", "hessian_bias_correction"],
+        ablation=["anneal_off", "anneal_to_ema", "clip_none", "clip_floor", "hessian_off", "hessian_bias_correction"],
         ablation_on=None, lora_targets=["q_proj", "v_proj"],
     ),
     # The full study for a GPU session (see docs/results.md for the time estimate).

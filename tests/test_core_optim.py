@@ -88,11 +88,13 @@ class Reference:
             self.theta[n] = self.theta[n] - lr * pg * z[n] / H[n].sqrt()
         return (lp + lm) / 2
 
-    def helene(self, t, x, y, lr, m, h, *, beta1, beta2, T, k, c, gamma, mode, lam, eps_s, wd, bias_correction=False):
+    def helene(self, t, x, y, lr, m, h, *, beta1, beta2, T, k, c, gamma, mode, lam, eps_s, wd, bias_correction=False,
+               anneal="exp"):
         z = {n: self.z(n, t) for n in self.theta}
         lp, lm = self.loss(self.shifted(EPS, z), x, y), self.loss(self.shifted(-EPS, z), x, y)
         pg = (lp - lm) / (2 * EPS)
-        alpha = beta1 + (1 - beta1) * math.exp(-t / T)
+        decay = math.exp(-t / T)
+        alpha = beta1 + (1 - beta1) * decay if anneal == "exp" else (1 - beta1) + beta1 * decay
         for n, v in self.theta.items():
             g = pg * z[n]
             m[n] = beta1 * m[n] + alpha * g
@@ -164,9 +166,11 @@ def test_hizoo_matches_float64_reference():
              hessian_bias_correction=True),
         dict(clip_mode="none", clip_lambda=0.5, hessian_interval=1, weight_decay=0.0, hessian_scale="loss",
              hessian_bias_correction=True),
+        dict(clip_mode="ratio", clip_lambda=0.5, hessian_interval=1, weight_decay=0.0, hessian_scale=2.0,
+             anneal="exp_ema"),
     ],
     ids=["floor", "ratio-k2-wd", "ratio-loss-scale", "floor-k2-bias-corrected", "ratio-bias-corrected",
-         "none-bias-corrected"],
+         "none-bias-corrected", "ratio-exp-ema"],
 )
 def test_helene_matches_float64_reference(opts):
     model, (x, y) = TinyNet(), batch()
@@ -179,14 +183,16 @@ def test_helene_matches_float64_reference(opts):
     ref_losses = [
         ref.helene(t, x, y, 0.02, m, h, beta1=0.8, beta2=0.9, T=3.0, k=opts["hessian_interval"], c=opts["hessian_scale"], gamma=0.5,
                    mode=opts["clip_mode"], lam=opts["clip_lambda"], eps_s=1e-6, wd=opts["weight_decay"],
-                   bias_correction=opts.get("hessian_bias_correction", False))
+                   bias_correction=opts.get("hessian_bias_correction", False), anneal=opts.get("anneal", "exp"))
         for t in range(STEPS)
     ]
     assert losses == pytest.approx(ref_losses, rel=1e-10)
     assert_params_match(model, ref, 1e-9)
     stats = opt.last_stats.as_dict()
     assert 0.0 <= stats["clip_fraction"] <= 1.0
-    assert stats["alpha"] == pytest.approx(0.8 + 0.2 * math.exp(-(STEPS - 1) / 3.0))
+    decay = math.exp(-(STEPS - 1) / 3.0)
+    expected_alpha = 0.2 + 0.8 * decay if opts.get("anneal") == "exp_ema" else 0.8 + 0.2 * decay
+    assert stats["alpha"] == pytest.approx(expected_alpha)
 
 
 def test_float32_model_tracks_float64_reference():

@@ -2,7 +2,7 @@
 is an option with a documented default.
 
 Per step t, with pg = (ℓ₊ − ℓ₋)/(2ε) and g = pg·z (two forwards):
-  α_t = β1 + (1 − β1)·exp(−t/T)                    annealing ('exp'; 'none': α = 1 − β1)
+  α_t = β1 + (1 − β1)·exp(−t/T)                    annealing ('exp'; 'exp_ema': 1 → 1 − β1; 'none': α = 1 − β1)
   m   ← β1·m + α_t·g
   every k steps: h ← β2·h + (1 − β2)·c·g⊙g         A-GNB from the same probe, true labels
   floor: θ ← θ − η·m / (γ·max(h, λ_i) + ε_s)        layer-wise clipping, threshold λ_i per tensor
@@ -17,7 +17,7 @@ import math
 import torch
 
 from zo_scale.optim.base import FULL_PRECISION, ZOOptimizer
-from zo_scale.optim.updates import helene_alpha, helene_update_
+from zo_scale.optim.updates import ANNEAL_LAWS, helene_alpha, helene_update_
 
 CLIP_MODES = ("floor", "ratio", "none")
 LAMBDA_RULES = ("uniform", "sqrt_numel")
@@ -28,7 +28,7 @@ class HELENE(ZOOptimizer):
 
     Options (defaults in brackets; none of them is confirmed by public code):
       beta1 [0.9], beta2 [0.99]         momentum and Hessian EMA factors
-      anneal ['exp'|'none'], anneal_horizon T [100 steps]
+      anneal ['exp'|'exp_ema'|'none'], anneal_horizon T [100 steps]  (see updates.helene_alpha)
       hessian_interval k [1]            refresh h every k steps
       hessian_scale c ['loss' | float]  ĥ = c·g⊙g; 'loss': c = 1/(2ℓ), the Gauss–Newton scale for a
                                         loss ~ ½r² (g⊙g/(2ℓ) is exactly the curvature of one squared
@@ -69,8 +69,8 @@ class HELENE(ZOOptimizer):
         decay_1d: bool = False,
         **kwargs,
     ):
-        if anneal not in ("exp", "none"):
-            raise ValueError(f"zo_scale: HELENE anneal must be 'exp' or 'none', got {anneal!r}")
+        if anneal not in ANNEAL_LAWS:
+            raise ValueError(f"zo_scale: HELENE anneal must be one of {ANNEAL_LAWS}, got {anneal!r}")
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"zo_scale: HELENE clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
         if lambda_rule not in LAMBDA_RULES:

@@ -55,17 +55,23 @@ def hizoo_update_(
 # ----------------------------------------------------------------------------- HELENE
 
 
+ANNEAL_LAWS = ("exp", "exp_ema", "none")
+
+
 def helene_alpha(step: int, *, beta1: float, anneal: str, horizon: float) -> float:
     """Momentum weight of the current gradient at step t (0-based).
 
-    ``exp``:  α_t = β1 + (1 − β1)·exp(−t/T)  (reconstruction; starts at 1, decays to β1)
-    ``none``: α_t = 1 − β1                   (plain EMA)
+    ``exp``:     α_t = β1 + (1 − β1)·exp(−t/T)   (reconstruction; 1 → β1, so m settles near ḡ/(1−β1) ≈ 10ḡ)
+    ``exp_ema``: α_t = (1 − β1) + β1·exp(−t/T)   (1 → 1 − β1: m settles near ḡ, on the scale of ``none``)
+    ``none``:    α_t = 1 − β1                    (plain EMA)
     """
     if anneal == "exp":
         return beta1 + (1.0 - beta1) * math.exp(-step / horizon)
+    if anneal == "exp_ema":
+        return (1.0 - beta1) + beta1 * math.exp(-step / horizon)
     if anneal == "none":
         return 1.0 - beta1
-    raise ValueError(f"unknown HELENE annealing law {anneal!r} (expected 'exp' or 'none')")
+    raise ValueError(f"unknown HELENE annealing law {anneal!r} (expected one of {ANNEAL_LAWS})")
 
 
 def helene_update_(
