@@ -118,7 +118,7 @@ PRESETS = {
         dev_limit=100, max_length=128, eval_batch_size=32, threads=1,
         grid={"norm": {"mezo": {"lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "eps": [1e-3]},
                        "hizoo": {"lr": [1e-3, 1e-2, 3e-2, 1e-1], "eps": [1e-3]},
-                       "helene": {"lr": [3e-3, 1e-2, 3e-2, 1e-1], "eps": [1e-3]}}},
+                       "helene": {"lr": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "eps": [1e-3]}}},
         ablation=["anneal_off", "anneal_to_ema", "clip_none", "clip_floor", "hessian_off", "hessian_bias_correction"],
         ablation_on=None, lora_targets=["q_proj", "v_proj"],
     ),
