@@ -543,7 +543,7 @@ def report(cfg: dict) -> dict:
         if per_opt:
             zs = next((z for z in summary["zeroshot"] if z["task"] == t and z["k"] == k), None)
             png = plots_dir / f"{t}_k{k}_{mode}.png"
-            plot_curves(per_opt, png, f"{t} k={k} {mode}: {cfg['model']}", zs)
+            plot_curves(per_opt, png, f"{t} k={k} {mode}: {cfg['model']}", zs, cfg["objective"])
             summary["plots"].append(str(png.relative_to(out_dir)))
     # ablation
     for t, k, mode in cfg["ablation_on"]:
@@ -581,7 +581,7 @@ def report(cfg: dict) -> dict:
         if per_variant:
             png = plots_dir / f"ablation_{t}_k{k}_{mode}.png"
             zs = next((z for z in summary["zeroshot"] if z["task"] == t and z["k"] == k), None)
-            plot_curves(per_variant, png, f"HELENE ablation, {t} k={k} {mode}", zs)
+            plot_curves(per_variant, png, f"HELENE ablation, {t} k={k} {mode}", zs, cfg["objective"])
             summary["plots"].append(str(png.relative_to(out_dir)))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (out_dir / "summary.md").write_text(markdown(summary))
@@ -620,7 +620,7 @@ def _smoothed_steps(runs: dict, window: int = 10):
     return curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0)
 
 
-def plot_curves(per_name: dict, png: Path, title: str, zeroshot: dict | None) -> None:
+def plot_curves(per_name: dict, png: Path, title: str, zeroshot: dict | None, objective: str = "answer") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -644,7 +644,7 @@ def plot_curves(per_name: dict, png: Path, title: str, zeroshot: dict | None) ->
     if zeroshot is not None and zeroshot.get("dev_acc") is not None:
         axes[0].axhline(zeroshot["dev_acc"], color="gray", ls="--", lw=1, label="zero-shot")
     axes[0].set_title("dev accuracy")
-    axes[1].set_title("dev loss (answer tokens)")
+    axes[1].set_title("dev loss (among the candidates)" if objective == "candidates" else "dev loss (answer tokens)")
     axes[2].set_title("train loss (probe mean, 10-step moving avg)")
     for ax in axes:
         ax.set_xlabel("training forward passes")
