@@ -649,6 +649,10 @@ def plot_curves(per_name: dict, png: Path, title: str, zeroshot: dict | None, ob
     for ax in axes:
         ax.set_xlabel("training forward passes")
         ax.grid(alpha=0.3)
+    for ax in axes[1:]:  # a diverged variant would flatten everyone else's loss curve on a linear axis
+        low, high = ax.dataLim.y0, ax.dataLim.y1
+        if low > 0 and high / low > 100:
+            ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=8)
     fig.suptitle(title)
