@@ -174,6 +174,8 @@ class CandidateScorer:
         ``answer``: token_loss's over the gold candidates (summed cross-entropy of the gold answer tokens /
         their number); ``candidates``: the mean cross-entropy of the gold candidate among the candidates
         (``zo_scale.trainer.objectives.candidate_cross_entropy``)."""
+        from zo_scale.trainer.objectives import gold_cross_entropy
+
         if not self.examples:
             return float("nan"), float("nan")
         correct, nll, tokens, ce, labeled = 0, 0.0, 0, 0.0, 0
@@ -184,8 +186,7 @@ class CandidateScorer:
             if e.label is not None:
                 lp, n = per[e.label]
                 nll, tokens = nll - lp, tokens + n
-                top = max(s)
-                ce += top + math.log(sum(math.exp(v - top) for v in s)) - s[e.label]
+                ce += gold_cross_entropy(s, e.label)
                 labeled += 1
         if objective == "candidates":
             return correct / len(self.examples), (ce / labeled if labeled else float("nan"))

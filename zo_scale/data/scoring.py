@@ -38,12 +38,18 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def _inner_model(model):
+    """The transformers model inside an engine or adapter wrapper, whose class and forward signature say
+    what the model is (the wrappers' say nothing)."""
+    inner = getattr(model, "module", model)  # DeepSpeed engine / DDP keep the model in .module
+    if hasattr(inner, "get_base_model"):  # a PeftModel; peft passes keyword arguments on to it
+        inner = inner.get_base_model()
+    return inner
+
+
 def is_masked_lm(model) -> bool:
     """True for *ForMaskedLM models (also when FSDP2 renames the class to FSDP<Name>, and under peft)."""
-    inner = getattr(model, "module", model)  # DeepSpeed engine / DDP keep the model in .module
-    if hasattr(inner, "get_base_model"):  # a PeftModel: its class says nothing about the head
-        inner = inner.get_base_model()
-    return "MaskedLM" in type(inner).__name__
+    return "MaskedLM" in type(_inner_model(model)).__name__
 
 
 @contextlib.contextmanager
@@ -146,10 +152,7 @@ def shared_contexts(encoded: Sequence[PromptAnswerIds]) -> SharedContexts:
 
 def _takes_logits_to_keep(model) -> bool:
     """Whether the forward can run the LM head on the last positions only (transformers causal LMs)."""
-    inner = getattr(model, "module", model)  # DeepSpeed engine / DDP keep the model in .module
-    if hasattr(inner, "get_base_model"):  # peft passes keyword arguments on to the base model
-        inner = inner.get_base_model()
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(_inner_model(model).forward).parameters
 
 
 def _last_logits(model, ids: list[list[int]], pad: int, keep: int, trim: bool, device) -> torch.Tensor:

@@ -184,7 +184,7 @@ class Trainer:
         self.state.last_dev = record
         if self.state.initial_dev is None:
             self.state.initial_dev = record
-        key = self.primary_metric if self.primary_metric in record["metrics"] else next(iter(record["metrics"]))
+        key = self.primary_metric  # every task's evaluation reports its primary metric
         best = self.state.best_dev
         if best is None or record["metrics"][key] > best["metrics"][key]:  # ties keep the earlier one
             self.state.best_dev = record

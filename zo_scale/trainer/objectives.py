@@ -31,11 +31,14 @@ def candidate_cross_entropy(model, tokenizer, examples, *, length_normalize: boo
     """(sum over examples of -log softmax(candidate scores)[gold], number of examples)."""
     scores = candidate_scores(model, tokenizer, examples, length_normalize=length_normalize, batch_size=batch_size,
                               max_length=max_length)
-    total = 0.0
-    for s, example in zip(scores, examples):
-        top = max(s)
-        total += top + math.log(sum(math.exp(v - top) for v in s)) - s[example.label]
+    total = sum(gold_cross_entropy(s, example.label) for s, example in zip(scores, examples))
     return torch.tensor(total, dtype=torch.float64, device=model_device(model)), len(examples)
+
+
+def gold_cross_entropy(scores, label: int) -> float:
+    """-log softmax(scores)[label], computed stably (the largest score is subtracted first)."""
+    top = max(scores)
+    return top + math.log(sum(math.exp(v - top) for v in scores)) - scores[label]
 
 
 def make_closure(objective: str, model, tokenizer, batch, eval_options: dict):
