@@ -180,3 +180,33 @@ def test_dev_limit_takes_a_balanced_subset_not_a_prefix():
     _, dev, test = load_splits(cfg)
     assert len(dev) == 100 and len(test) == 300
     assert 35 <= sum(e.label for e in dev) <= 65
+
+
+def test_selection_by_dev_accuracy_or_by_dev_loss(tmp_path, monkeypatch):
+    """Study 2's lesson: on 100 dev sentences a noisy accuracy lead can beat a much lower dev loss.
+    --select-by acc keeps the accuracy rule; --select-by loss picks the lowest dev loss; an unstable
+    point (dev loss above its start) ranks last under both rules."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import convergence
+
+    cfg = convergence.resolve(convergence.build_parser().parse_args(
+        ["--smoke", "--device", "cpu", "--out", str(tmp_path), "--tasks", "sst2-lmbff", "--modes", "full",
+         "--optimizers", "mezo", "--grid", "mezo.full:lr=1,2,3:eps=1e-3"]))
+    # lr=1: noisy accuracy lead, high loss; lr=2: lower accuracy, lowest loss; lr=3: best of both, unstable
+    finals = {1: (0.67, 1.01), 2: (0.64, 0.66), 3: (0.90, 0.10)}
+    for lr, (acc, loss) in finals.items():
+        rc = convergence.run_config(cfg, task="sst2-lmbff", k=4, seed=13, mode="full", optimizer="mezo",
+                                    hp={"eps": 1e-3, "lr": lr}, budget=cfg["grid_budget"], role="grid")
+        start_loss = 0.05 if lr == 3 else 1.2
+        recs = [{"type": "config"}, {"type": "eval", "fwd": 0, "dev_acc": 0.5, "dev_loss": start_loss},
+                {"type": "eval", "fwd": 12, "dev_acc": acc, "dev_loss": loss},
+                {"type": "final", "dev_acc": acc, "dev_loss": loss, "test_acc": 0.5, "diverged": False}]
+        Path(rc.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(rc.out).write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+    assert cfg["select_by"] == "acc"
+    assert convergence.select(cfg)["sst2-lmbff|4|full|mezo"]["hp"]["lr"] == 1
+    cfg["select_by"] = "loss"
+    sel = convergence.select(cfg)["sst2-lmbff|4|full|mezo"]
+    assert sel["hp"]["lr"] == 2 and sel["select_by"] == "loss"
+    assert [g["hp"]["lr"] for g in sel["grid"]] == [2, 1, 3] and sel["grid"][-1]["unstable"]
