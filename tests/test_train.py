@@ -152,6 +152,20 @@ def test_keep_best_off_writes_no_snapshot(tmp_path):
     assert summary["best_dev"]["step"] not in (0, 8) and summary["best_dev"]["test"] is None
 
 
+def test_resumed_segment_drops_the_earlier_best_model(tmp_path):
+    """A run resumed for more steps whose best dev weights are now its final ones (here: keep_best turned
+    off) must not leave the first segment's best_model/ next to a summary that no longer names it."""
+    out = tmp_path / "segments"
+    args = ("optimizer.lr=3e-2", "eval.every=1", "train.steps=8", "checkpoint.every=4")
+    assert main(["--config", TINY_LLAMA, *_sets(out, *args)]) == 0
+    assert (out / "best_model").is_dir()  # the first segment's best was mid-run
+    assert main(["--config", TINY_LLAMA, *_sets(out, *args[:2], "train.steps=10", args[3], "eval.keep_best=false"),
+                 "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 10
+    assert not (out / "best_model").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume: kill -9 at some moment, resume, same result bitwise
 

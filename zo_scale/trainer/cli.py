@@ -135,7 +135,8 @@ def _train(cfg, info, splits, out: Path, resume_from) -> int:
 
     if info.rank == 0:
         if resume_from is None and out.exists():  # a fresh start replaces what an earlier attempt left
-            for name in ("metrics.jsonl", "summary.json", "plot.png", "config.json", "final_model", "checkpoints"):
+            for name in ("metrics.jsonl", "summary.json", "plot.png", "config.json", "final_model", "best_model",
+                         "checkpoints"):
                 p = out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -196,17 +197,26 @@ class Trainer:
         export them to best_model/. Returns that test record (None when there is nothing to do)."""
         best = self.state.best_dev
         if not (self.cfg.eval.keep_best and best is not None and best["step"] != self.state.step):
+            self._drop_stale_best_model()
             return None
         saved = run_checkpoint.read_best_record(self.ckpt_root)
         if saved is None or saved["step"] != best["step"]:  # e.g. resumed with fewer train.steps than it had
             self._say(f"no snapshot of the best dev weights (step {best['step']}) in {self.ckpt_root}: "
                       "best_model/ not written")
+            self._drop_stale_best_model()
             return None
         run_checkpoint.load_param_slices(self.ckpt_root / run_checkpoint.BEST_DIR, self.opt)
         test = self.evaluate("test", weights="best") if self.cfg.eval.test_at_end and self.splits["test"] else None
         self._say(f"exporting the best dev weights (step {best['step']}) ...")
         export_model(self.built.model, self.built.module, self.built.tokenizer, self.out / "best_model", self.main)
         return test
+
+    def _drop_stale_best_model(self) -> None:
+        """A best_model/ left by an earlier segment of a resumed run no longer matches this run's summary."""
+        stale = self.out / "best_model"
+        if self.main and stale.is_dir():
+            self._say("removing best_model/ from an earlier segment: this run's best dev weights are its final ones")
+            shutil.rmtree(stale)
 
     # ------------------------------------------------------------------ checkpoints
 
