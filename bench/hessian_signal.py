@@ -13,7 +13,7 @@ SST-2, the cross-entropy among the candidates), at the pretrained weights:
   gradient; the spread of h across coordinates (CV) against the spread E[h] would have with infinitely
   many probes and the spread z's sampling noise alone gives.
 
-    python bench/hessian_signal.py --steps 100 --out docs/results/hessian-signal.json
+    python bench/hessian_signal.py --steps 100 --threads 1 --out docs/results/hessian-signal/sst2-norm.json
     python bench/hessian_signal.py --model tiny --steps 5          # seconds; what the CI test runs
 """
 
@@ -31,7 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convergence_run import RunConfig, TrainStream, fresh_model, load_splits, model_description  # noqa: E402
+from convergence_run import (  # noqa: E402
+    RunConfig, TrainStream, fresh_model, load_splits, model_description, training_closure,
+)
 
 
 def candidate_loss(model, tokenizer, examples, max_length: int) -> torch.Tensor:
@@ -83,28 +85,24 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     import zo_scale
-    from zo_scale.trainer.objectives import candidate_cross_entropy
 
     t0 = time.perf_counter()
     cfg = RunConfig(run_id="", out="", task="sst2-lmbff", k=args.k, seed=args.seed, mode="norm", optimizer="helene",
-                    hp={}, model=args.model, max_length=128)
+                    hp={}, model=args.model, max_length=128, objective="candidates")
     train, _, _ = load_splits(cfg)
     model, tok = fresh_model(args.model, torch.float32, "cpu", "norm", {}, args.seed)
     (name, weight), = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
     start = weight.detach().clone()
     opts = [zo_scale.HELENE(model, lr=0.0, eps=args.eps, seed=s) for s in args.z_seeds]
     stream = TrainStream(train, args.batch_size, args.seed)
-    grads, grad_sq_norms = [], []
+    grads = []
     for step in range(args.steps):
         examples = stream.next()
         model.zero_grad(set_to_none=True)
         loss = candidate_loss(model, tok, examples, cfg.max_length)
         loss.backward()
         grads.append(weight.grad.detach().double().clone())
-        grad_sq_norms.append(float(grads[-1].square().sum()))
-        model.zero_grad(set_to_none=True)
-        closure = lambda: candidate_cross_entropy(model, tok, examples, batch_size=len(examples),  # noqa: E731
-                                                  max_length=cfg.max_length)
+        closure = training_closure(cfg, model, tok, examples)  # what the study's HELENE runs minimise
         if step == 0:  # the differentiable loss is the library's objective (mean vs sum over examples)
             total, n = closure()
             assert math.isclose(float(total) / n, loss.item(), rel_tol=1e-4), (float(total) / n, loss.item())
@@ -129,7 +127,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size, "task": f"sst2-lmbff k={args.k} seed={args.seed}", "eps": args.eps,
         "z_seeds": args.z_seeds,
         # the spread across coordinates E[h] would have with infinitely many probes, against its mean
-        "cv_expected_h": float((2 * diag).std() / (torch.tensor(grad_sq_norms).mean() + 2 * diag.mean())),
+        "cv_expected_h": float((2 * diag).std() / (g.square().sum(1).mean() + 2 * diag.mean())),
         "corr_h_a_h_b": pearson(h[0], h[1]),
         "corr_h_true_diag": [pearson(x, diag) for x in h],
         "corr_mean_h_true_diag": pearson(0.5 * (h[0] + h[1]), diag),

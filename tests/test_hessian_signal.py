@@ -1,6 +1,6 @@
 """bench/hessian_signal.py runs on the tiny model: its differentiable loss is the library's candidate
-cross-entropy (asserted inside), HELENE with lr = 0 leaves the weights where they were, and every
-correlation is one."""
+cross-entropy and HELENE with lr = 0 leaves the weights where they were (both asserted inside), and
+every correlation lies in [-1, 1]."""
 
 from __future__ import annotations
 

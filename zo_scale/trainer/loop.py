@@ -212,10 +212,10 @@ class Trainer:
         return test
 
     def _drop_stale_best_model(self) -> None:
-        """A best_model/ left by an earlier segment of a resumed run no longer matches this run's summary."""
+        """This run exports no best_model/; one left by an earlier segment would contradict its summary."""
         stale = self.out / "best_model"
         if self.main and stale.is_dir():
-            self._say("removing best_model/ from an earlier segment: this run's best dev weights are its final ones")
+            self._say("removing best_model/ from an earlier segment: it does not hold this run's best dev weights")
             shutil.rmtree(stale)
 
     # ------------------------------------------------------------------ checkpoints
