@@ -5,10 +5,6 @@ every record to a JSONL file as it goes.
 Also here: what the study's hot loops call, checked against the library in
 tests/test_convergence_smoke.py:
 
-* ``answer_loss`` = ``zo_scale.data.token_loss`` (summed cross-entropy over the answer tokens, and their
-  count), but the LM head is applied only at the positions that predict an answer token
-  (``logits_to_keep``): the vocabulary projection is ~20 % of a SmolLM2 forward and only 1 of ~30
-  positions needs it.
 * ``CandidateScorer`` = ``zo_scale.evaluate`` for causal-LM classification (length-normalised candidate
   log-likelihood, argmax, ties to the first) with the examples encoded once, and the dev loss from the
   same pass. The scoring is the library's (``zo_scale.data.scoring``): candidates that continue the
@@ -28,9 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-
-IGNORE_INDEX = -100
 
 # ----------------------------------------------------------------------------------------------- models
 
@@ -118,30 +111,6 @@ def fresh_model(name: str, dtype: torch.dtype, device: str, mode: str, lora: dic
     return model, tok
 
 
-# ------------------------------------------------------------------------------------------------- loss
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def answer_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """``token_loss(model, batch)`` computing logits only where an answer token is predicted."""
-    device = _model_device(model)
-    targets = batch["labels"][:, 1:]  # token t is predicted at position t-1
-    labeled = targets != IGNORE_INDEX
-    n = int(labeled.sum())
-    cols = labeled.any(0).nonzero().squeeze(1)  # positions that predict some row's answer token
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    with torch.no_grad():
-        logits = model(**inputs, logits_to_keep=cols.to(device)).logits  # [B, len(cols), V]
-        mask = labeled[:, cols].to(device)
-        sel = logits[mask]
-        sel = sel.to(torch.promote_types(sel.dtype, torch.float32))
-        loss = F.cross_entropy(sel, targets[:, cols].to(device)[mask], reduction="sum")
-    return loss.to(torch.float64), n
-
-
 # ------------------------------------------------------------------------------------------- evaluation
 
 
@@ -197,9 +166,11 @@ class CandidateScorer:
 
 
 def mean_loss(model, batches) -> float:
+    from zo_scale.data import token_loss
+
     total, n = 0.0, 0
     for b in batches:
-        s, c = answer_loss(model, b)
+        s, c = token_loss(model, b)
         total += float(s)
         n += c
     return total / max(n, 1)
@@ -406,10 +377,10 @@ def execute(cfg: RunConfig) -> str:
 def training_closure(cfg: RunConfig, model, tok, examples):
     """What a ZO step minimises on one batch (the same closure for every forward of the step)."""
     if cfg.objective == "answer":
-        from zo_scale.data import causal_lm_batch
+        from zo_scale.data import causal_lm_batch, token_loss
 
         batch = causal_lm_batch(tok, examples, max_length=cfg.max_length)
-        return lambda: answer_loss(model, batch)
+        return lambda: token_loss(model, batch)
     if cfg.objective == "candidates":
         from zo_scale.trainer.objectives import candidate_cross_entropy
 

@@ -51,7 +51,8 @@ def candidate_loss(model, tokenizer, examples, max_length: int) -> torch.Tensor:
         cands.append([x.ids[-1] for x in enc])
     ids = pad_sequences(contexts, pad_id(tokenizer), "left")
     mask = pad_sequences([[1] * len(c) for c in contexts], 0, "left")
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   use_cache=False).logits[:, -1]
     logp = torch.log_softmax(logits.double(), dim=-1)
     scores = logp.gather(1, torch.tensor(cands))
     gold = torch.tensor([e.label for e in examples])

@@ -567,7 +567,7 @@ def test_wrapped_models_score_as_plain_forwards(llama, tokenizer, wrap):
 
     import peft
 
-    from zo_scale.data.scoring import _takes_logits_to_keep
+    from zo_scale.data.scoring import takes_logits_to_keep
 
     if wrap == "no_logits_to_keep":
         model = _Engine(_NoLogitsToKeep(llama))
@@ -578,8 +578,46 @@ def test_wrapped_models_score_as_plain_forwards(llama, tokenizer, wrap):
         config = (peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
                   if wrap == "lora" else peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
         model = peft.get_peft_model(copy.deepcopy(llama), config).to(torch.float64).eval()
-    assert _takes_logits_to_keep(model) == (wrap != "no_logits_to_keep")
+    assert takes_logits_to_keep(model) == (wrap != "no_logits_to_keep")
     scored = continuation_logprobs(model, tokenizer, MIXED_PAIRS, batch_size=4)
     for (p, c), (total, n) in zip(MIXED_PAIRS, scored):
         want, want_n = plain_logprob(model, tokenizer, p, c)
         assert n == want_n and total == pytest.approx(want, abs=1e-10)
+
+
+@pytest.mark.parametrize("loss_on", ["answer", "full"])
+def test_token_loss_trims_the_lm_head_without_changing_the_loss(llama, tokenizer, loss_on):
+    """Answer-only loss applies the LM head only at the positions that predict a label; the sum and count
+    match the full-logits path (a model without logits_to_keep) on a right-padded batch."""
+    examples = get_task("squad", data_dir=FIXTURES).examples("train", num=4, seed=0)
+    batch = causal_lm_batch(tokenizer, examples, loss_on=loss_on)
+    seen = []
+    hook = llama.register_forward_hook(lambda m, args, kwargs, out: seen.append(out.logits.shape[1]),
+                                       with_kwargs=True)
+    try:
+        trimmed = token_loss(llama, batch)
+    finally:
+        hook.remove()
+    full = token_loss(_Engine(_NoLogitsToKeep(llama)), batch)
+    assert trimmed[1] == full[1] and trimmed[0].item() == pytest.approx(full[0].item(), rel=1e-12)
+    width = batch["input_ids"].shape[1]
+    assert seen[0] < width / 2 if loss_on == "answer" else seen[0] == width - 1  # the last position predicts nothing
+
+
+def test_causal_forwards_build_no_kv_cache(llama, tokenizer):
+    """A ZO forward never reads a KV cache, and building one holds 2 × layers × tokens × hidden values at the
+    logits' peak: the loss, the candidate scoring and the ranks' dummy forward all ask for none."""
+    from zo_scale.data.scoring import _dummy_forward
+
+    flags = []
+    hook = llama.register_forward_hook(lambda m, args, kwargs, out: flags.append(kwargs.get("use_cache")),
+                                       with_kwargs=True)
+    try:
+        examples = get_task("sst2-lmbff").examples("train", num=3, seed=0)
+        token_loss(llama, causal_lm_batch(tokenizer, examples))
+        token_loss(llama, causal_lm_batch(tokenizer, examples, loss_on="full"))
+        continuation_logprobs(llama, tokenizer, MIXED_PAIRS, batch_size=4)
+        _dummy_forward(llama, tokenizer, torch.device("cpu"))()
+    finally:
+        hook.remove()
+    assert len(flags) >= 4 and all(f is False for f in flags)

@@ -47,6 +47,14 @@ def _inner_model(model):
     return inner
 
 
+def no_cache(model) -> dict:
+    """``{"use_cache": False}`` for a transformers model, else nothing. Left on, a causal LM builds a KV
+    cache in every forward (2 × layers × tokens × hidden values, alive at the logits' peak) that a ZO
+    forward never reads: on OPT-1.3B at batch 16 × 256 that is 0.75 GiB of a 2.7 GiB activation peak."""
+    config = getattr(_inner_model(model), "config", None)
+    return {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+
+
 def is_masked_lm(model) -> bool:
     """True for *ForMaskedLM models (also when FSDP2 renames the class to FSDP<Name>, and under peft)."""
     return "MaskedLM" in type(_inner_model(model)).__name__
@@ -106,7 +114,7 @@ def _dummy_forward(model, tokenizer, device) -> Callable:
 
     def run():
         input_ids = torch.tensor([[first]], device=device)
-        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **no_cache(model))
 
     return run
 
@@ -150,7 +158,7 @@ def shared_contexts(encoded: Sequence[PromptAnswerIds]) -> SharedContexts:
     return groups
 
 
-def _takes_logits_to_keep(model) -> bool:
+def takes_logits_to_keep(model) -> bool:
     """Whether the forward can run the LM head on the last positions only (transformers causal LMs)."""
     return "logits_to_keep" in inspect.signature(_inner_model(model).forward).parameters
 
@@ -161,7 +169,7 @@ def _last_logits(model, ids: list[list[int]], pad: int, keep: int, trim: bool, d
     input_ids = pad_sequences(ids, pad, "left").to(device)
     attention_mask = pad_sequences([[1] * len(x) for x in ids], 0, "left").to(device)
     position_ids = position_ids_from_mask(attention_mask)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **no_cache(model))
     if trim:
         return model(**inputs, logits_to_keep=keep).logits
     return model(**inputs).logits[:, -keep:]
@@ -195,7 +203,7 @@ def continuation_logprobs_from_ids(
     order = sorted(range(len(groups.contexts)), key=lambda c: len(groups.contexts[c]))  # less padding
     device = model_device(model)
     pad = pad_id(tokenizer)
-    trim = _takes_logits_to_keep(model)
+    trim = takes_logits_to_keep(model)
 
     def score(batch: list[int]) -> list[tuple[int, float]]:
         keep = max(groups.keep[c] for c in batch)
