@@ -5,9 +5,10 @@
 
 A ZO step needs no gradients and no activations kept for a backward pass, so a GPU holds: its
 weight shard, the parameters the engine gathers for the layer being run (plus prefetch), the
-activations of one layer's no-grad forward and the logits, the optimizer's per-coordinate state
-and fp32 master shard, and one z chunk. ``plan()`` adds these up; the CLI prints them.
-Estimates, not measurements: bench/step_bench.py measures peak memory on a real GPU.
+forward's peak (one layer's working set or the logits and the loss's fp32 copies, whichever is
+larger), the optimizer's per-coordinate state and fp32 master shard, and one z chunk. ``plan()``
+adds these up; the CLI prints them. Estimates: ``python -m zo_scale.memtrace`` checks them against
+a fake-tensor trace of the real model and optimizer, bench/step_bench.py against a real GPU.
 """
 
 from __future__ import annotations
@@ -270,8 +271,7 @@ def plan(
              int(gpu_mem_gib * GIB))
     p.parts["weight shard"] = shard * wb
     p.parts["gathered parameters"] = _gathered(shape, backend, gpus, wb, prefetch_bucket, persistence_threshold, p.notes)
-    p.parts["activations (no-grad forward)"] = _activations(shape, batch, seq, wb, attention)
-    p.parts["logits + loss"] = batch * seq * shape.vocab * (wb + 4 + 4)  # logits, fp32 copy, log-softmax
+    p.parts["forward peak (activations)"] = _forward_peak(shape, batch, seq, wb, attention, p.notes)
     p.parts[f"optimizer state ({state_dtype})"] = STATE_TENSORS[optimizer] * shard * sb
     p.parts["fp32 master shard"] = 4 * shard if master else 0
     p.parts["z chunk (fp32)"] = 4 * min(chunk, shard)
@@ -303,19 +303,25 @@ def _gathered(shape, backend, gpus, wb, bucket, persist, notes) -> int:
     return 2 * unit * wb
 
 
-def _activations(shape, b, s, wb, attention) -> int:
-    """Peak live activations of a no-grad forward: the residual stream, plus one layer's attention
-    or MLP working set at a time (layers run one after another and free their temporaries)."""
+def _forward_peak(shape, b, s, wb, attention, notes) -> int:
+    """Peak live activations of a no-grad forward + loss: the residual stream, plus the largest of one
+    layer's attention or MLP working set (layers run one after another and free their temporaries)
+    and the logits with the loss's fp32 copies. Checked against traces of the real transformers
+    models in tests/test_memtrace.py."""
     h, f, heads = shape.hidden, shape.ffn, shape.heads
     kv = (shape.kv_heads or heads) * shape.head_dim
     tokens = b * s
     residual = 2 * tokens * h * wb  # hidden states and the residual branch
     attn = tokens * (h + 2 * kv + h) * wb  # q, k, v, attention output
     if attention == "eager":
-        attn += 2 * b * heads * s * s * wb  # scores and probabilities
+        # masked scores in the weight dtype, their fp32 upcast and the fp32 softmax (transformers' eager path)
+        attn += b * heads * s * s * (wb + 8 if wb < 4 else 8)
     mlp_width = 2 * f if shape.family == "opt" else 3 * f  # fc1 out + activation / gate, up, product
     mlp = tokens * mlp_width * wb
-    return residual + max(attn, mlp)
+    logits = tokens * shape.vocab * (wb + 4 + 4)  # logits, one fp32 copy, log-softmax
+    largest = max(("logits + loss", logits), ("attention", attn), ("MLP", mlp), key=lambda kv_: kv_[1])
+    notes.append(f"forward peak: {largest[0]} ({largest[1] / GIB:.2f} GiB) + residual stream ({residual / GIB:.2f} GiB)")
+    return residual + largest[1]
 
 
 # ---------------------------------------------------------------------------------- config + CLI
