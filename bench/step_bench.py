@@ -1,23 +1,28 @@
-"""ZO step benchmark: passes against their memory-bandwidth floor, whole steps, peak memory.
+"""ZO step benchmark: passes against their memory-bandwidth floor, whole steps, peak memory, targets.
 
-    python bench/step_bench.py --out bench.json                 # GPU: OPT-1.3B and OPT-6.7B shapes
+    python bench/step_bench.py --out bench/results/h200.json --readme README.md   # GPU: OPT-1.3B, OPT-6.7B
+    python bench/step_bench.py --from-json bench/results/h200.json --readme README.md   # re-render
     python bench/step_bench.py --tiny --out tiny.json           # CPU smoke test, < 60 s
 
 For random-init OPT shapes (bf16, batch 16 × seq 256) it measures, in one run:
   copy bandwidth        dst.copy_(src) on a large bf16 buffer, bytes read + written per second
   forward               one no-grad forward + loss on a fixed batch
-  passes                each ZO pass (perturb, fused restore+update) through the zo_scale optimizer
-                        and, where Triton is available, through the fused kernels directly; each
-                        against bytes-it-must-move / copy bandwidth
-  steps                 opt.step(closure) for MeZO, HiZOO, HELENE, and the official-style MeZO
+  passes                each ZO pass (perturb, fused restore+update) as the optimizer runs it (the
+                        fused kernels on CUDA) and through its chunked torch path, against
+                        bytes-it-must-move / copy bandwidth
+  steps                 opt.step(closure) for MeZO, HiZOO, HELENE, HELENE's lightest configuration
+                        (helene-lean: bf16 state, no master), and the official-style MeZO
                         (torch.manual_seed + torch.normal per parameter, four passes)
-  peak memory           torch.cuda.max_memory_allocated per step, against an inference-only forward
-Timing: CUDA events (perf_counter on CPU), warm-up, median of repeats.
+  peak memory           torch.cuda.max_memory_allocated per step, against inference-only and the planner
+and judges the issue's targets (step ≤ 1.15 × its forwards, pass ≤ 1.5 × floor, peak ≤ inference +
+state + one chunk, planner within 10 %). Timing: CUDA events (perf_counter on CPU), warm-up, median.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import gc
 import json
 import platform
@@ -32,13 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # official_mezo.py nex
 
 from official_mezo import OfficialMeZO  # noqa: E402
 
-from zo_scale import HELENE, HiZOO, MeZO, kernels, rng  # noqa: E402
+from zo_scale import HELENE, HiZOO, MeZO, kernels  # noqa: E402
+from zo_scale.memtrace import build_model, planned_total  # noqa: E402
 from zo_scale.plan import GIB, MODELS, ModelShape, plan  # noqa: E402
 
 TINY = ModelShape("tiny", "opt", hidden=64, layers=2, heads=4, ffn=256, vocab=1000, max_positions=64)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIMIZERS = {"mezo": MeZO, "hizoo": HiZOO, "helene": HELENE}
 FORWARDS = {"mezo": 2, "hizoo": 3, "helene": 2}
+# Variants with their own state dtype and master: "helene-lean" is HELENE's lightest configuration
+# (bf16 momentum and Hessian, updates applied to the bf16 weights in place), 20 B per parameter a step.
+VARIANTS = {"helene-lean": ("helene", {"state_dtype": "bf16", "master": False})}
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -98,29 +107,12 @@ def free_memory(device) -> None:
 # ---------------------------------------------------------------------------------- model
 
 
-def build_model(shape: ModelShape, dtype: torch.dtype, device):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    cfg = OPTConfig(hidden_size=shape.hidden, num_hidden_layers=shape.layers, ffn_dim=shape.ffn,
-                    num_attention_heads=shape.heads, vocab_size=shape.vocab,
-                    max_position_embeddings=shape.max_positions, word_embed_proj_dim=shape.proj_dim or shape.hidden,
-                    dropout=0.0, attention_dropout=0.0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise directly in the weight dtype: no fp32 copy of 6.7B
-    try:
-        with torch.device(device):
-            model = OPTForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
-
-
 def make_closure(model, shape: ModelShape, batch: int, seq: int, device):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, shape.vocab, (batch, seq), generator=g).to(device)
 
     def closure():
-        return model(input_ids=ids, labels=ids).loss
+        return model(input_ids=ids, labels=ids, use_cache=False).loss  # no KV cache: a ZO forward never reads it
 
     return closure
 
@@ -145,39 +137,6 @@ def pass_bytes(opt, kind: str) -> int:
     return total
 
 
-def fused_pass(opt, kind: str):
-    """The same pass through zo_scale.kernels directly (before base.py is wired to them)."""
-    g = opt.param_groups[0]
-    eps, lr, step = g["eps"], g["lr"], opt.step_count
-
-    def run():
-        for v in opt.views:
-            st = opt.shard_state[v.name]
-            z = rng.ZStream.make(opt.seed, v.uid, step, 0)
-            master, hess = st.get("master"), st.get("hessian")
-            if kind == "perturb":
-                h = hess if isinstance(opt, HiZOO) else None
-                if master is not None:
-                    kernels.perturb_from_master_(v.local, master, z, v.start, eps, hess=h)
-                else:
-                    kernels.perturb_(v.local, z, v.start, eps, hess=h)
-            elif isinstance(opt, MeZO):
-                kernels.mezo_restore_update_(v.local, [z], v.start, pgs=[0.5], restore=0.0, lr=lr,
-                                             weight_decay=0.0, master=master)
-            elif isinstance(opt, HiZOO):
-                kernels.hizoo_restore_update_(v.local, hess, z, v.start, proj_grad=0.5, restore=0.0, lr=lr,
-                                              alpha=g["hessian_smooth"], curvature=1e-6, eps=eps, floor=0.0,
-                                              weight_decay=0.0, master=master)
-            else:
-                kernels.helene_restore_update_(
-                    v.local, st["momentum"], hess, [z], v.start, pgs=[0.5], restore=0.0, lr=lr, alpha=0.5,
-                    beta1=g["beta1"], beta2=g["beta2"], refresh_hessian=True, hessian_scale=g["hessian_scale"],
-                    use_hessian=g["use_hessian"], gamma=g["gamma"], clip_mode=g["clip_mode"],
-                    clip_lambda=g["clip_lambda"], stab_eps=g["stab_eps"], weight_decay=0.0, master=master)
-
-    return run
-
-
 def optimizer_pass(opt, kind: str):
     """The pass as the optimizer runs it now (base.py's _move_to / _restore_and_update)."""
     if kind == "perturb":
@@ -194,6 +153,16 @@ def optimizer_pass(opt, kind: str):
     return lambda: opt._restore_and_update(pgs, scalars)
 
 
+@contextlib.contextmanager
+def torch_path(opt):
+    """The optimizer's chunked torch path where it would take the fused kernels (its cached dispatch)."""
+    saved, opt._kernels_ok = opt._kernels_ok, False
+    try:
+        yield
+    finally:
+        opt._kernels_ok = saved
+
+
 # ---------------------------------------------------------------------------------- one model
 
 
@@ -203,31 +172,42 @@ def bench_model(name: str, shape: ModelShape, args, device, timer: Timer, bw: fl
     closure = make_closure(model, shape, args.batch, args.seq, device)
     res = {"model": name, "params": shape.param_count(), "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
            "attention": getattr(model.config, "_attn_implementation", None), "passes": [], "steps": {}}
+    gpu_mem = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
+    plan_kw = dict(dtype=args.dtype, batch=args.batch, seq=args.seq, backend="replicated", attention="sdpa",
+                   gpu_mem_gib=gpu_mem or 80.0, reserve_gib=0.0)
     with torch.no_grad():
         res["forward_ms"] = timer(closure) * 1e3
         res["inference_peak_bytes"] = peak_bytes(device, closure)
-    gpu_mem = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
+    res["inference_planned_bytes"] = planned_total(plan(shape, 1, optimizer="mezo", master=False, **plan_kw))
 
     for oname in args.optimizers:
-        entry = res["steps"][oname] = {"forwards": FORWARDS[oname]}
-        master = None if args.master == "auto" else args.master == "on"
-        if gpu_mem:
-            p = plan(shape, 1, dtype=args.dtype, optimizer=oname, batch=args.batch, seq=args.seq, backend="replicated",
-                     master=master, state_dtype=args.state_dtype, gpu_mem_gib=gpu_mem, attention="sdpa")
-            if not p.fits:
-                entry["skipped"] = f"plan: {p.total_bytes / GIB:.1f} GiB > {gpu_mem:.1f} GiB (try --state-dtype bf16)"
-                continue
+        base, overrides = VARIANTS.get(oname, (oname, {}))
+        entry = res["steps"][oname] = {"forwards": FORWARDS[base]}
+        master = overrides.get("master", None if args.master == "auto" else args.master == "on")
+        state_dtype = overrides.get("state_dtype", args.state_dtype)
+        p = plan(shape, 1, optimizer=base, master=master, state_dtype=state_dtype, **plan_kw)
+        if gpu_mem and not p.fits:
+            entry["skipped"] = f"plan: {p.total_bytes / GIB:.1f} GiB > {gpu_mem:.1f} GiB (try --state-dtype bf16)"
+            continue
+        entry["state_bytes"] = sum(v for k, v in p.parts.items() if k.startswith(("optimizer state", "fp32 master")))
         opt = None
         try:
-            opt = OPTIMIZERS[oname](model, lr=args.lr, eps=1e-3, seed=1, master_weights=master,
-                                    state_dtype=DTYPES[args.state_dtype])
+            opt = OPTIMIZERS[base](model, lr=args.lr, eps=1e-3, seed=1, master_weights=master,
+                                   state_dtype=DTYPES[state_dtype])
+            fused = kernels.available() and device.type == "cuda"
+            entry["path"] = "fused" if fused else "torch"
+            entry["chunk_bytes"] = 4 * opt.chunk_size
+            entry["planned_bytes"] = planned_total(p) + (0 if fused else entry["chunk_bytes"])
             for kind in ("perturb", "update"):
-                row = {"pass": f"{oname} {kind}", "bytes": pass_bytes(opt, kind)}
+                row = {"pass": f"{oname} {kind}", "bytes": pass_bytes(opt, kind), "path": entry["path"]}
                 row["floor_ms"] = row["bytes"] / bw * 1e3
-                row["zo_scale_ms"] = timer(optimizer_pass(opt, kind)) * 1e3
+                row["ms"] = timer(optimizer_pass(opt, kind)) * 1e3
                 opt._move_to(0, 0)
-                row["fused_ms"] = timer(fused_pass(opt, kind)) * 1e3 if kernels.available() else None
-                opt._move_to(0, 0)
+                row["torch_ms"] = row["ms"]
+                if fused:
+                    with torch_path(opt):
+                        row["torch_ms"] = timer(optimizer_pass(opt, kind)) * 1e3
+                        opt._move_to(0, 0)
                 res["passes"].append(row)
             entry["ms"] = timer(lambda: opt.step(closure)) * 1e3
             entry["overhead_ms"] = entry["ms"] - entry["forwards"] * res["forward_ms"]
@@ -240,16 +220,59 @@ def bench_model(name: str, shape: ModelShape, args, device, timer: Timer, bw: fl
 
     # The official-style baseline last: it rebinds param.data, which the optimizers above viewed.
     off = OfficialMeZO(model, lr=args.lr, eps=1e-3)
-    res["passes"].append({"pass": "official torch.normal perturb", "bytes": None, "floor_ms": None,
-                          "zo_scale_ms": None, "fused_ms": None,
-                          "official_ms": timer(lambda: off.perturb(1.0)) * 1e3})
-    entry = res["steps"]["official-mezo"] = {"forwards": 2}
+    res["passes"].append({"pass": "official torch.normal perturb", "bytes": None, "floor_ms": None, "path": "torch",
+                          "ms": timer(lambda: off.perturb(1.0)) * 1e3, "torch_ms": None})
+    entry = res["steps"]["official-mezo"] = {"forwards": 2, "path": "torch"}
     entry["ms"] = timer(lambda: off.step(closure)) * 1e3
     entry["overhead_ms"] = entry["ms"] - 2 * res["forward_ms"]
     entry["peak_bytes"] = peak_bytes(device, lambda: off.step(closure))
     del model, off, closure
     free_memory(device)
     return res
+
+
+# ---------------------------------------------------------------------------------- targets
+
+
+STEP_TARGET, PASS_TARGET, PLAN_TOLERANCE = 1.15, 1.5, 0.10
+
+
+def targets(m: dict) -> list[dict]:
+    """The issue's targets for one model's results: step ≤ 1.15 × its forwards, every pass ≤ 1.5 × its
+    floor, peak ≤ inference + state + one chunk, planner within 10 % of the measured peak. Each row
+    says what was measured, its limit, and whether it holds (None where nothing was measured)."""
+    rows = []
+    fwd = m["forward_ms"]
+    floors = {p["pass"]: p["floor_ms"] for p in m["passes"]}
+    for oname, s in m["steps"].items():
+        if "ms" not in s:
+            continue
+        ratio = s["ms"] / (s["forwards"] * fwd)
+        rows.append({"what": f"{oname} step / {s['forwards']} forwards", "value": ratio, "limit": STEP_TARGET,
+                     "ok": ratio <= STEP_TARGET})
+        if f"{oname} update" in floors:  # what the step could be with every pass at its floor
+            best = (s["forwards"] * fwd + 2 * floors[f"{oname} perturb"] + floors[f"{oname} update"]) / (s["forwards"] * fwd)
+            rows.append({"what": f"{oname} step / forwards, passes at their floor", "value": best,
+                         "limit": STEP_TARGET, "ok": best <= STEP_TARGET})
+    for p in m["passes"]:
+        if p["floor_ms"]:
+            r = p["ms"] / p["floor_ms"]
+            rows.append({"what": f"{p['pass']} / floor", "value": r, "limit": PASS_TARGET, "ok": r <= PASS_TARGET})
+    inf = m["inference_peak_bytes"]
+    for oname, s in m["steps"].items():
+        if s.get("peak_bytes") is None or inf is None or "state_bytes" not in s:
+            continue
+        extra = (s["peak_bytes"] - inf - s["state_bytes"]) / 2**20
+        rows.append({"what": f"{oname} peak − inference − state (MiB)", "value": extra,
+                     "limit": s["chunk_bytes"] / 2**20, "ok": extra <= s["chunk_bytes"] / 2**20})
+    pairs = [("inference", inf, m["inference_planned_bytes"])]
+    pairs += [(o, s.get("peak_bytes"), s.get("planned_bytes")) for o, s in m["steps"].items()]
+    for what, measured, planned in pairs:
+        if measured and planned:
+            r = planned / measured
+            rows.append({"what": f"planner / measured peak, {what}", "value": r, "limit": 1 + PLAN_TOLERANCE,
+                         "ok": abs(r - 1) <= PLAN_TOLERANCE})
+    return rows
 
 
 # ---------------------------------------------------------------------------------- report
@@ -259,36 +282,81 @@ def _fmt(x, spec=".2f", scale=1.0):
     return "-" if x is None else format(x / scale, spec)
 
 
+def _verdict(ok) -> str:
+    return "-" if ok is None else ("ok" if ok else "MISS")
+
+
 def report(results: dict) -> str:
     out = [f"device: {results['device']}   copy bandwidth: {results['copy_bw'] / 1e9:.1f} GB/s "
            f"(bf16, read + write)   kernels: {'fused (Triton)' if results['kernels'] else 'torch path only'}"]
     for m in results["models"]:
         out += ["", f"{m['model']}: {m['params'] / 1e6:,.1f} M params, {m['dtype']}, batch {m['batch']} × seq {m['seq']}, "
                     f"attention {m['attention']}   forward {m['forward_ms']:.2f} ms",
-                f"  {'pass':<32}{'GB moved':>9}{'floor ms':>10}{'zo_scale ms':>13}{'fused ms':>10}{'fused/floor':>12}"]
+                f"  {'pass':<32}{'GB moved':>9}{'floor ms':>10}{'ms':>9}{'path':>7}{'ms/floor':>10}{'torch ms':>10}"]
         for p in m["passes"]:
-            ratio = p["fused_ms"] / p["floor_ms"] if p.get("fused_ms") and p["floor_ms"] else None
-            zo = p["zo_scale_ms"] if p.get("official_ms") is None else p["official_ms"]
-            out.append(f"  {p['pass']:<32}{_fmt(p['bytes'], '.3g', 1e9):>9}{_fmt(p['floor_ms']):>10}"
-                       f"{_fmt(zo):>13}{_fmt(p['fused_ms']):>10}{_fmt(ratio, '.2f'):>12}")
+            ratio = p["ms"] / p["floor_ms"] if p["floor_ms"] else None
+            out.append(f"  {p['pass']:<32}{_fmt(p['bytes'], '.3g', 1e9):>9}{_fmt(p['floor_ms']):>10}{p['ms']:>9.2f}"
+                       f"{p['path']:>7}{_fmt(ratio):>10}{_fmt(p['torch_ms']):>10}")
         inf = m["inference_peak_bytes"]
-        out += [f"  {'step':<16}{'ms':>10}{'forwards':>10}{'ms beyond fwd':>15}{'peak GiB':>10}{'+ vs inference':>16}"]
+        out += [f"  {'step':<16}{'ms':>10}{'forwards':>10}{'ms beyond fwd':>15}{'peak GiB':>10}{'planned GiB':>13}"]
         for oname, s in m["steps"].items():
             if "skipped" in s:
                 out.append(f"  {oname:<16}skipped: {s['skipped']}")
                 continue
-            extra = None if s["peak_bytes"] is None or inf is None else s["peak_bytes"] - inf
             out.append(f"  {oname:<16}{s['ms']:>10.2f}{s['forwards']:>10}{s['overhead_ms']:>15.2f}"
-                       f"{_fmt(s['peak_bytes'], '.2f', GIB):>10}{_fmt(extra, '.2f', GIB):>16}")
-        out.append(f"  {'inference only':<16}{'':>35}{_fmt(inf, '.2f', GIB):>10}")
+                       f"{_fmt(s['peak_bytes'], '.2f', GIB):>10}{_fmt(s.get('planned_bytes'), '.2f', GIB):>13}")
+        out.append(f"  {'inference only':<16}{'':>35}{_fmt(inf, '.2f', GIB):>10}"
+                   f"{_fmt(m['inference_planned_bytes'], '.2f', GIB):>13}")
+        out.append(f"  {'target':<52}{'value':>9}{'limit':>8}")
+        out += [f"  {t['what']:<52}{t['value']:>9.2f}{t['limit']:>8.2f}  {_verdict(t['ok'])}" for t in targets(m)]
     return "\n".join(out)
+
+
+def markdown(results: dict) -> str:
+    """The README's section: one table of passes and steps per model, and the targets."""
+    out = [f"Measured {results['date']} on **{results['device']}** (torch {results['torch']}, copy bandwidth "
+           f"{results['copy_bw'] / 1e9:.0f} GB/s, kernels: {'fused Triton' if results['kernels'] else 'torch path'}) "
+           f"with `{results['command']}`.", ""]
+    for m in results["models"]:
+        out += [f"**{m['model']}** ({m['params'] / 1e9:.2f} B params, {m['dtype']}, batch {m['batch']} × {m['seq']}): "
+                f"forward {m['forward_ms']:.1f} ms", "",
+                "| pass | GB | floor ms | ms | ms / floor | torch path ms |", "|---|---|---|---|---|---|"]
+        for p in m["passes"]:
+            ratio = p["ms"] / p["floor_ms"] if p["floor_ms"] else None
+            out.append(f"| {p['pass']} | {_fmt(p['bytes'], '.3g', 1e9)} | {_fmt(p['floor_ms'])} | {p['ms']:.2f} | "
+                       f"{_fmt(ratio)} | {_fmt(p['torch_ms'])} |")
+        out += ["", "| step | ms | / forwards | peak GiB | planned GiB |", "|---|---|---|---|---|"]
+        for oname, s in m["steps"].items():
+            if "skipped" in s:
+                out.append(f"| {oname} | skipped: {s['skipped']} | | | |")
+                continue
+            out.append(f"| {oname} | {s['ms']:.1f} | {s['ms'] / (s['forwards'] * m['forward_ms']):.2f} × "
+                       f"{s['forwards']} | {_fmt(s['peak_bytes'], '.2f', GIB)} | {_fmt(s.get('planned_bytes'), '.2f', GIB)} |")
+        out.append(f"| inference only | {m['forward_ms']:.1f} | | {_fmt(m['inference_peak_bytes'], '.2f', GIB)} | "
+                   f"{_fmt(m['inference_planned_bytes'], '.2f', GIB)} |")
+        missed = [t for t in targets(m) if t["ok"] is False]
+        out += ["", "Targets: " + ("all met." if not missed else "missed: " + "; ".join(
+            f"{t['what']} = {t['value']:.2f} (limit {t['limit']:.2f})" for t in missed) + "."), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+BEGIN, END = "<!-- step-bench:begin -->", "<!-- step-bench:end -->"
+
+
+def write_readme_section(path: Path, section: str) -> None:
+    """Replace what lies between the step-bench markers in ``path`` with ``section``."""
+    text = path.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"step_bench: {path} needs one '{BEGIN}' line before one '{END}' line")
+    head, rest = text.split(BEGIN)
+    path.write_text(head + BEGIN + "\n" + section + END + rest.split(END, 1)[1])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["opt-1.3b", "opt-6.7b"], help="OPT shapes from zo_scale.plan")
     ap.add_argument("--tiny", action="store_true", help="tiny OPT shape, batch 2, seq 32: a CPU smoke test")
-    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    ap.add_argument("--optimizers", nargs="+", default=[*OPTIMIZERS, *VARIANTS], choices=[*OPTIMIZERS, *VARIANTS])
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--state-dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--master", default="auto", choices=["auto", "on", "off"])
@@ -301,7 +369,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, help="CPU threads (--tiny: 1, so a shared CI box does not spin)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--readme", type=Path, help=f"write the markdown tables between {BEGIN} and {END} here")
+    ap.add_argument("--from-json", type=Path, help="report (and --readme) a saved --out file instead of measuring")
     args = ap.parse_args(argv)
+    if args.from_json:
+        try:
+            results = json.loads(args.from_json.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            ap.error(f"--from-json {args.from_json}: {err}")
+        return finish(results, args)
     if args.tiny:
         args.models, args.batch, args.seq = ["tiny"], 2, 32
         args.warmup, args.repeats, args.copy_numel = 1, min(args.repeats, 3), min(args.copy_numel, 1 << 22)
@@ -314,18 +390,39 @@ def main(argv=None) -> int:
         ap.error(f"unknown model {unknown}: choose from {', '.join(shapes)}")
     timer = Timer(device, args.warmup, args.repeats)
     results = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "date": datetime.date.today().isoformat(), "command": " ".join(["python bench/step_bench.py", *sys.argv[1:]]),
         "torch": torch.__version__, "kernels": kernels.available(), "args": {k: str(v) for k, v in vars(args).items()},
         "copy_bw": copy_bandwidth(timer, device, args.copy_numel), "models": [],
     }
     for name in args.models:
         results["models"].append(bench_model(name, shapes[name], args, device, timer, results["copy_bw"]))
         print(report({**results, "models": results["models"][-1:]}), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out:  # after each model: a later one running out of time loses nothing
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+    return finish(results, args, printed=True)
+
+
+def finish(results: dict, args, printed: bool = False) -> int:
+    if not printed:
+        print(report(results))
+    if args.out and not printed:
         args.out.write_text(json.dumps(results, indent=2))
+    if args.out:
         print(f"wrote {args.out}")
+    if args.readme:
+        write_readme_section(args.readme, markdown(results))
+        print(f"wrote the tables into {args.readme}")
     return 0
+
+
+def cpu_name() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "CPU"
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":
