@@ -52,7 +52,7 @@ def test_tiny_bench_runs_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = readme.read_text()
     assert "old table" not in text and text.endswith("<!-- step-bench:end -->\n\nafter\n")
-    assert f"Measured {res['date']}" in text and "| helene update |" in text and "Targets: missed:" in text
+    assert f"Measured {res['date']}" in text and "| helene update |" in text and "| helene step / 2 forwards |" in text
     readme.write_text("no markers\n")
     proc = subprocess.run([sys.executable, str(BENCH / "step_bench.py"), "--from-json", str(out), "--readme",
                            str(readme)], capture_output=True, text=True, timeout=120)
