@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # official_mezo.py nex
 from official_mezo import OfficialMeZO  # noqa: E402
 
 from zo_scale import HELENE, HiZOO, MeZO, kernels  # noqa: E402
-from zo_scale.memtrace import build_model, planned_total  # noqa: E402
+from zo_scale.memtrace import LiveTensorBytes, build_model, planned_total  # noqa: E402
 from zo_scale.plan import GIB, MODELS, ModelShape, plan  # noqa: E402
 
 TINY = ModelShape("tiny", "opt", hidden=64, layers=2, heads=4, ffn=256, vocab=1000, max_positions=64)
@@ -88,14 +88,25 @@ def copy_bandwidth(timer: Timer, device, numel: int) -> float:
     return 2 * numel * 2 / t
 
 
-def peak_bytes(device, fn) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+def peak_bytes(device, fn, held=()) -> int:
+    """Peak bytes allocated while fn runs: the CUDA allocator's count on a GPU; on CPU the storages
+    alive after each aten op (zo_scale.memtrace), ``held`` (weights, state) counted from the start."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    counter = LiveTensorBytes()
+    counter.hold(held)
+    with counter:
+        fn()
+    return counter.peak
+
+
+def held_tensors(model, opt=None) -> list[torch.Tensor]:
+    state = [t for st in opt.shard_state.values() for t in st.values()] if opt is not None else []
+    return [*model.parameters(), *model.buffers(), *state]
 
 
 def free_memory(device) -> None:
@@ -177,7 +188,7 @@ def bench_model(name: str, shape: ModelShape, args, device, timer: Timer, bw: fl
                    gpu_mem_gib=gpu_mem or 80.0, reserve_gib=0.0)
     with torch.no_grad():
         res["forward_ms"] = timer(closure) * 1e3
-        res["inference_peak_bytes"] = peak_bytes(device, closure)
+        res["inference_peak_bytes"] = peak_bytes(device, closure, held_tensors(model))
     res["inference_planned_bytes"] = planned_total(plan(shape, 1, optimizer="mezo", master=False, **plan_kw))
 
     for oname in args.optimizers:
@@ -196,7 +207,7 @@ def bench_model(name: str, shape: ModelShape, args, device, timer: Timer, bw: fl
                                    state_dtype=DTYPES[state_dtype])
             fused = kernels.available() and device.type == "cuda"
             entry["path"] = "fused" if fused else "torch"
-            entry["chunk_bytes"] = 4 * opt.chunk_size
+            entry["chunk_bytes"] = p.parts["z chunk (fp32)"]  # 4 B × min(chunk_size, shard)
             entry["planned_bytes"] = planned_total(p) + (0 if fused else entry["chunk_bytes"])
             for kind in ("perturb", "update"):
                 row = {"pass": f"{oname} {kind}", "bytes": pass_bytes(opt, kind), "path": entry["path"]}
@@ -211,7 +222,7 @@ def bench_model(name: str, shape: ModelShape, args, device, timer: Timer, bw: fl
                 res["passes"].append(row)
             entry["ms"] = timer(lambda: opt.step(closure)) * 1e3
             entry["overhead_ms"] = entry["ms"] - entry["forwards"] * res["forward_ms"]
-            entry["peak_bytes"] = peak_bytes(device, lambda: opt.step(closure))
+            entry["peak_bytes"] = peak_bytes(device, lambda: opt.step(closure), held_tensors(model, opt))
         except torch.OutOfMemoryError as err:
             entry["skipped"] = f"out of memory: {str(err).splitlines()[0][:120]}"
         finally:
@@ -225,7 +236,7 @@ def bench_model(name: str, shape: ModelShape, args, device, timer: Timer, bw: fl
     entry = res["steps"]["official-mezo"] = {"forwards": 2, "path": "torch"}
     entry["ms"] = timer(lambda: off.step(closure)) * 1e3
     entry["overhead_ms"] = entry["ms"] - 2 * res["forward_ms"]
-    entry["peak_bytes"] = peak_bytes(device, lambda: off.step(closure))
+    entry["peak_bytes"] = peak_bytes(device, lambda: off.step(closure), held_tensors(model))
     del model, off, closure
     free_memory(device)
     return res

@@ -41,6 +41,10 @@ def test_tiny_bench_runs_and_writes_json(tmp_path):
     assert all(p["ms"] > 0 and p["floor_ms"] > 0 and p["path"] == "torch" for p in m["passes"] if p["bytes"])
     assert all(s["planned_bytes"] > 0 for o, s in m["steps"].items() if o != "official-mezo")
     assert "helene step / 2 forwards" in proc.stdout and "passes at their floor" in proc.stdout
+    # CPU peaks come from counting live tensor storages (zo_scale.memtrace), weights and state included
+    assert m["inference_peak_bytes"] >= 2 * m["params"]
+    assert all(s["peak_bytes"] >= m["inference_peak_bytes"] + s["state_bytes"]
+               for o, s in m["steps"].items() if o != "official-mezo")
     lean = m["steps"]["helene-lean"]
     assert lean["state_bytes"] == 2 * 2 * m["params"] and m["steps"]["helene"]["state_bytes"] == (8 + 4) * m["params"]
 

@@ -29,6 +29,19 @@ def test_live_bytes_counts_storages_once_and_releases_them():
     assert counter.live == 0 and counter.peak == 8000
 
 
+def test_held_tensors_count_from_the_start_and_leave_when_freed():
+    """What step_bench does on CPU: weights already alive count, and replacing one (as the official MeZO
+    rebuilds param.data) frees the old storage instead of counting both for good."""
+    weights = [torch.zeros(250), torch.zeros(250)]
+    counter = LiveTensorBytes()
+    counter.hold([weights[0], weights[0][:10], weights[1]])  # a view of a held tensor counts once
+    assert counter.live == 2000
+    with counter:
+        for i in range(2):
+            weights[i] = weights[i] + 1  # out of place: new storage, then the old one goes
+    assert counter.live == 2000 and counter.peak == 3000
+
+
 @pytest.mark.parametrize("model, optimizer, state_dtype, master, attention, seq", [
     ("opt-125m", "helene", "fp32", None, "sdpa", 256),
     ("opt-1.3b", "helene", "fp32", None, "sdpa", 256),

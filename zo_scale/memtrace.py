@@ -44,8 +44,22 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak = 0
 
     def ignore(self, tensors) -> None:
+        """Leave these tensors' storages out of the count (say, weights accounted for apart)."""
         for t in tensors:
             self._sizes.setdefault(t.untyped_storage()._cdata, 0)
+
+    def hold(self, tensors) -> None:
+        """Count these existing tensors' storages as live from now on, until they are freed."""
+        for t in tensors:
+            self._add(t.untyped_storage())
+        self.peak = max(self.peak, self.live)
+
+    def _add(self, storage) -> None:
+        key = storage._cdata
+        if key not in self._sizes:
+            self._sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._release, key)
 
     def _release(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
@@ -54,12 +68,7 @@ class LiveTensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self._sizes:
-                    self._sizes[key] = storage.nbytes()
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._release, key)
+                self._add(t.untyped_storage())
         self.peak = max(self.peak, self.live)
         return out
 
