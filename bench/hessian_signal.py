@@ -40,7 +40,8 @@ def candidate_loss(model, tokenizer, examples, max_length: int) -> torch.Tensor:
     """Mean over examples of −log softmax over the candidates' log-likelihoods [gold], differentiable.
     Single-token candidates only (SST-2's " terrible"/" great"), so it equals the library's
     length-normalised candidate cross-entropy (checked against it in main)."""
-    from zo_scale.data.encoding import encode_prompt_answer, pad_id, pad_sequences, position_ids_from_mask
+    from zo_scale.data.encoding import encode_prompt_answer, pad_id
+    from zo_scale.data.scoring import last_logits, takes_logits_to_keep
 
     contexts, cands = [], []
     for e in examples:
@@ -49,10 +50,7 @@ def candidate_loss(model, tokenizer, examples, max_length: int) -> torch.Tensor:
             raise SystemExit("hessian_signal: needs single-token candidates sharing one context")
         contexts.append(enc[0].ids[:-1])
         cands.append([x.ids[-1] for x in enc])
-    ids = pad_sequences(contexts, pad_id(tokenizer), "left")
-    mask = pad_sequences([[1] * len(c) for c in contexts], 0, "left")
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                   use_cache=False).logits[:, -1]
+    logits = last_logits(model, contexts, pad_id(tokenizer), 1, takes_logits_to_keep(model), "cpu")[:, -1]
     logp = torch.log_softmax(logits.double(), dim=-1)
     scores = logp.gather(1, torch.tensor(cands))
     gold = torch.tensor([e.label for e in examples])

@@ -163,7 +163,7 @@ def takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(_inner_model(model).forward).parameters
 
 
-def _last_logits(model, ids: list[list[int]], pad: int, keep: int, trim: bool, device) -> torch.Tensor:
+def last_logits(model, ids: list[list[int]], pad: int, keep: int, trim: bool, device) -> torch.Tensor:
     """[B, keep, V] logits of each context's last `keep` positions: left padding aligns the ends, and
     position ids count real tokens only, so every row sees the positions of its unpadded forward."""
     input_ids = pad_sequences(ids, pad, "left").to(device)
@@ -207,7 +207,7 @@ def continuation_logprobs_from_ids(
 
     def score(batch: list[int]) -> list[tuple[int, float]]:
         keep = max(groups.keep[c] for c in batch)
-        logits = _last_logits(model, [list(groups.contexts[c]) for c in batch], pad, keep, trim, device)
+        logits = last_logits(model, [list(groups.contexts[c]) for c in batch], pad, keep, trim, device)
         members = [(i, row) for row, c in enumerate(batch) for i in groups.members[c]]
         sums = _sum_scored(_log_softmax(logits), [(row, _scored_tokens(encoded[i])) for i, row in members])
         return [(i, total) for (i, _), total in zip(members, sums)]
