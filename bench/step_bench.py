@@ -297,57 +297,60 @@ def _verdict(ok) -> str:
     return "-" if ok is None else ("ok" if ok else "MISS")
 
 
+def tables(m: dict) -> list[tuple[list[str], list[list[str]]]]:
+    """One model's results as (header, rows) tables: passes, steps, targets. Printed and written alike."""
+    passes = []
+    for p in m["passes"]:
+        ratio = p["ms"] / p["floor_ms"] if p["floor_ms"] else None
+        passes.append([p["pass"], _fmt(p["bytes"], ".3g", 1e9), _fmt(p["floor_ms"]), f"{p['ms']:.2f}", p["path"],
+                       _fmt(ratio), _fmt(p["torch_ms"])])
+    steps = []
+    for oname, s in m["steps"].items():
+        if "skipped" in s:
+            steps.append([oname, f"skipped: {s['skipped']}"] + [""] * 5)
+            continue
+        steps.append([oname, f"{s['ms']:.1f}", str(s["forwards"]), f"{s['ms'] / (s['forwards'] * m['forward_ms']):.2f}",
+                      f"{s['overhead_ms']:.1f}", _fmt(s["peak_bytes"], ".2f", GIB), _fmt(s.get("planned_bytes"), ".2f", GIB)])
+    steps.append(["inference only", f"{m['forward_ms']:.1f}", "1", "", "", _fmt(m["inference_peak_bytes"], ".2f", GIB),
+                  _fmt(m["inference_planned_bytes"], ".2f", GIB)])
+    judged = [[t["what"], f"{t['value']:.2f}", f"{t['limit']:.2f}", _verdict(t["ok"])] for t in targets(m)]
+    return [(["pass", "GB moved", "floor ms", "ms", "path", "ms / floor", "torch path ms"], passes),
+            (["step", "ms", "forwards", "step / forwards", "ms beyond fwd", "peak GiB", "planned GiB"], steps),
+            (["target", "value", "limit", ""], judged)]
+
+
+def _columns(header, rows) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return ["  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in [header, *rows]]
+
+
+def _model_title(m: dict) -> str:
+    return (f"{m['model']}: {m['params'] / 1e6:,.1f} M params, {m['dtype']}, batch {m['batch']} × seq {m['seq']}, "
+            f"attention {m['attention']}, forward {m['forward_ms']:.2f} ms")
+
+
 def report(results: dict) -> str:
     out = [f"device: {results['device']}   copy bandwidth: {results['copy_bw'] / 1e9:.1f} GB/s "
            f"(bf16, read + write)   kernels: {'fused (Triton)' if results['kernels'] else 'torch path only'}"]
     for m in results["models"]:
-        out += ["", f"{m['model']}: {m['params'] / 1e6:,.1f} M params, {m['dtype']}, batch {m['batch']} × seq {m['seq']}, "
-                    f"attention {m['attention']}   forward {m['forward_ms']:.2f} ms",
-                f"  {'pass':<32}{'GB moved':>9}{'floor ms':>10}{'ms':>9}{'path':>7}{'ms/floor':>10}{'torch ms':>10}"]
-        for p in m["passes"]:
-            ratio = p["ms"] / p["floor_ms"] if p["floor_ms"] else None
-            out.append(f"  {p['pass']:<32}{_fmt(p['bytes'], '.3g', 1e9):>9}{_fmt(p['floor_ms']):>10}{p['ms']:>9.2f}"
-                       f"{p['path']:>7}{_fmt(ratio):>10}{_fmt(p['torch_ms']):>10}")
-        inf = m["inference_peak_bytes"]
-        out += [f"  {'step':<16}{'ms':>10}{'forwards':>10}{'ms beyond fwd':>15}{'peak GiB':>10}{'planned GiB':>13}"]
-        for oname, s in m["steps"].items():
-            if "skipped" in s:
-                out.append(f"  {oname:<16}skipped: {s['skipped']}")
-                continue
-            out.append(f"  {oname:<16}{s['ms']:>10.2f}{s['forwards']:>10}{s['overhead_ms']:>15.2f}"
-                       f"{_fmt(s['peak_bytes'], '.2f', GIB):>10}{_fmt(s.get('planned_bytes'), '.2f', GIB):>13}")
-        out.append(f"  {'inference only':<16}{'':>35}{_fmt(inf, '.2f', GIB):>10}"
-                   f"{_fmt(m['inference_planned_bytes'], '.2f', GIB):>13}")
-        out.append(f"  {'target':<52}{'value':>9}{'limit':>8}")
-        out += [f"  {t['what']:<52}{t['value']:>9.2f}{t['limit']:>8.2f}  {_verdict(t['ok'])}" for t in targets(m)]
+        out += ["", _model_title(m)]
+        for header, rows in tables(m):
+            out += _columns(header, rows)
     return "\n".join(out)
 
 
 def markdown(results: dict) -> str:
-    """The README's section: one table of passes and steps per model, and the targets."""
+    """The README's section: the passes, steps and targets of each model as markdown tables."""
     out = [f"Measured {results['date']} on **{results['device']}** (torch {results['torch']}, copy bandwidth "
            f"{results['copy_bw'] / 1e9:.0f} GB/s, kernels: {'fused Triton' if results['kernels'] else 'torch path'}) "
            f"with `{results['command']}`.", ""]
     for m in results["models"]:
-        out += [f"**{m['model']}** ({m['params'] / 1e9:.2f} B params, {m['dtype']}, batch {m['batch']} × {m['seq']}): "
-                f"forward {m['forward_ms']:.1f} ms", "",
-                "| pass | GB | floor ms | ms | ms / floor | torch path ms |", "|---|---|---|---|---|---|"]
-        for p in m["passes"]:
-            ratio = p["ms"] / p["floor_ms"] if p["floor_ms"] else None
-            out.append(f"| {p['pass']} | {_fmt(p['bytes'], '.3g', 1e9)} | {_fmt(p['floor_ms'])} | {p['ms']:.2f} | "
-                       f"{_fmt(ratio)} | {_fmt(p['torch_ms'])} |")
-        out += ["", "| step | ms | forwards | step / forwards | peak GiB | planned GiB |", "|---|---|---|---|---|---|"]
-        for oname, s in m["steps"].items():
-            if "skipped" in s:
-                out.append(f"| {oname} | skipped: {s['skipped']} | | | | |")
-                continue
-            out.append(f"| {oname} | {s['ms']:.1f} | {s['forwards']} | {s['ms'] / (s['forwards'] * m['forward_ms']):.2f} | "
-                       f"{_fmt(s['peak_bytes'], '.2f', GIB)} | {_fmt(s.get('planned_bytes'), '.2f', GIB)} |")
-        out.append(f"| inference only | {m['forward_ms']:.1f} | 1 | | {_fmt(m['inference_peak_bytes'], '.2f', GIB)} | "
-                   f"{_fmt(m['inference_planned_bytes'], '.2f', GIB)} |")
-        out += ["", "| target | value | limit | |", "|---|---|---|---|"]
-        out += [f"| {t['what']} | {t['value']:.2f} | {t['limit']:.2f} | {_verdict(t['ok'])} |" for t in targets(m)]
-        out.append("")
+        out += [f"**{_model_title(m)}**", ""]
+        for header, rows in tables(m):
+            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(r) + " |" for r in rows]
+            out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
