@@ -4,6 +4,7 @@ the README section it writes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,10 @@ def test_gpu_bench_opt125m(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(out.read_text())["models"][0]
     assert m["inference_peak_bytes"] and all("peak_bytes" in s or "skipped" in s for s in m["steps"].values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs the whole check")
+def test_gpu_session_script_refuses_without_a_gpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "gpu_session: needs torch with a CUDA GPU"
