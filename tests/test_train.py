@@ -308,6 +308,19 @@ def test_bad_input_cli_exit_code_and_one_line(tmp_path):
         assert "Traceback" not in r.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("rank, local_rank, printed", [(0, 0, "zo_scale: error: config "),
+                                                        (4, 0, "zo_scale: error: [rank 4] config "), (5, 1, None)])
+def test_bad_input_is_said_once_per_node(tmp_path, capsys, monkeypatch, rank, local_rank, printed):
+    """A node can lack what another has (a data file on local disk): the first rank of every node says why,
+    tagged with its rank, and the other ranks of a node, which see the same files, stay quiet."""
+    for name, value in {"RANK": rank, "WORLD_SIZE": 8, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": 4}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("ZO_SCALE_ALL_RANKS_LOG", raising=False)
+    assert main(["--config", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (err.startswith(printed) and err.count("\n") == 0) if printed else err == ""
+
+
 def test_non_empty_output_dir_with_resume_never(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

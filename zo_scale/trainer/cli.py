@@ -37,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = discover()
     except Exception as e:  # noqa: BLE001 - a broken launcher environment is bad input too
-        return _bad_input(f"cannot tell how this process was launched: {e}", rank=0)
+        return _bad_input(f"cannot tell how this process was launched: {e}")
     try:
         args = parse_args(argv)
         return _run(args, info)
     except ConfigError as e:
-        return _bad_input(str(e), info.rank)
+        return _bad_input(str(e), info)
     except SystemExit:
         raise
     except KeyboardInterrupt:
@@ -60,9 +60,13 @@ def run() -> None:
     os._exit(code)
 
 
-def _bad_input(message: str, rank: int) -> int:
-    if rank == 0 or os.environ.get("ZO_SCALE_ALL_RANKS_LOG"):
-        print(f"zo_scale: error: {message}", file=sys.stderr, flush=True)
+def _bad_input(message: str, info=None) -> int:
+    """One line from the first rank of each node: nodes can disagree (a file present on one node only),
+    the ranks of one node see the same files and config. Other nodes' lines carry their rank."""
+    rank, local_rank = (info.rank, info.local_rank) if info is not None else (0, 0)
+    if local_rank == 0 or os.environ.get("ZO_SCALE_ALL_RANKS_LOG"):
+        where = f"[rank {rank}] " if rank else ""
+        print(f"zo_scale: error: {where}{message}", file=sys.stderr, flush=True)
     _leave_group()
     return EXIT_BAD_INPUT
 
@@ -124,7 +128,7 @@ def _train(cfg, info, splits, out: Path, resume_from) -> int:
         built = build(cfg, info)
         opt = build_optimizer(cfg, built)
     except ConfigError as e:
-        return _bad_input(str(e), info.rank)
+        return _bad_input(str(e), info)
     if info.rank == 0:
         trainable = sum(v.global_numel for v in opt.views)
         print(f"zo_scale: {cfg.optimizer_name} on {cfg.task.name} ({len(splits['train'])} train / "
@@ -158,7 +162,7 @@ def _train(cfg, info, splits, out: Path, resume_from) -> int:
             os._exit(EXIT_NONFINITE)
         return EXIT_NONFINITE
     except ConfigError as e:  # found once the model is known (e.g. resuming a different run)
-        return _bad_input(str(e), info.rank)
+        return _bad_input(str(e), info)
     if info.rank == 0:
         _print_result(summary, out)
     if dist.is_initialized():
