@@ -196,6 +196,42 @@ def test_perturb_from_master(dtype, hizoo):
     assert torch.equal(local, master.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_master", [False, True])
+@pytest.mark.parametrize("hess_dtype", [None, torch.float32, torch.bfloat16])
+def test_perturb_shards_batches_small_shards_bit_identically(dtype, with_master, hess_dtype):
+    """Small shards share one launch (a table row each); large ones keep their own. Either way every
+    shard ends bit-identical to its own perturb_ / perturb_from_master_ call: sizes below and above a
+    tile, shifted starts, one element, a shard beyond 2**32."""
+    layout = [(5, 0), (2051, 3), (1, 7), (4096, 1024), (3000, 2), (700, (1 << 32) + 1), (2500, 0)]
+    one_by_one, batched = [], []
+    for i, (n, start) in enumerate(layout):
+        local = _rand(n, dtype, 10 + i)
+        master = _rand(n, torch.float32, 30 + i) if with_master else None
+        hess = _rand(n, hess_dtype, 50 + i, lo=0.5) if hess_dtype is not None else None
+        z = rng.ZStream.make(5, 1000 + i, 4, 1)
+        one_by_one.append((local.clone(), master, hess, z, start))
+        batched.append((local.clone(), master, hess, z, start))
+    for local, master, hess, z, start in one_by_one:
+        if master is not None:
+            perturb.perturb_from_master_(local, master, z, start, -2e-3, hess=hess)
+        else:
+            perturb.perturb_(local, z, start, -2e-3, hess=hess)
+    perturb.perturb_shards_(batched, -2e-3, small=2500)  # the last shard is launched on its own
+    for (want, *_), (got, *_) in zip(one_by_one, batched):
+        assert torch.equal(got, want)
+    if with_master:  # scale 0 is the restore: every shard copied from its master
+        perturb.perturb_shards_(batched, 0.0)
+        assert all(torch.equal(local, master.to(dtype)) for local, master, *_ in batched)
+
+
+def test_perturb_shards_refuses_mixed_steps():
+    a, b = torch.zeros(8, device=DEV), torch.zeros(8, device=DEV)
+    shards = [(a, None, None, rng.ZStream.make(1, 1, 0), 0), (b, None, None, rng.ZStream.make(1, 2, 1), 0)]
+    with pytest.raises(ValueError, match="one step and stream"):
+        perturb.perturb_shards_(shards, 1e-3)
+
+
 def test_perturb_rejects_bad_shapes():
     z = STREAMS[0]
     with pytest.raises(ValueError):

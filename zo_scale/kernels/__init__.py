@@ -8,6 +8,7 @@ Public API (all take flat contiguous shards; ``start`` is the global flat index 
   philox_words(z, first_block, n_blocks, device)                   raw Philox words (tests)
   perturb_(local, z, start, scale, hess=None)                      local += scale·d
   perturb_from_master_(local, master, z, start, scale, hess=None)  local = cast(master + scale·d)
+  perturb_shards_(shards, scale)                                   either, for many shards, small ones batched
   mezo_restore_update_(local, zs, start, ...)                      fused restore + MeZO step
   hizoo_restore_update_(local, hess, z, start, ...)                fused restore + HiZOO step
   helene_restore_update_(local, m, h, zs, start, ...)              fused restore + HELENE step
@@ -23,6 +24,7 @@ _API = {
     "philox_words": "philox",
     "perturb_": "perturb",
     "perturb_from_master_": "perturb",
+    "perturb_shards_": "perturb",
     "mezo_restore_update_": "update",
     "hizoo_restore_update_": "update",
     "helene_restore_update_": "update",

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 KEYS = dict(k0="i32", k1="i32", step="i32", stream="i32", blk_lo="i32", blk_hi="i32")
-ALIGNED = ("local_ptr", "master_ptr", "hess_ptr", "m_ptr", "h_ptr", "out_ptr", "n")  # as a real launch specialises
+ALIGNED = ("local_ptr", "master_ptr", "hess_ptr", "m_ptr", "h_ptr", "out_ptr", "table_ptr", "n")  # as a real launch specialises
 
 
 def _variants():
@@ -31,6 +31,13 @@ def _variants():
         sig = dict(local_ptr=f"*{dt}", master_ptr="*fp32", hess_ptr="*fp32", n="i32", **KEYS, scale="fp32")
         const = dict(HAS_MASTER=master, HAS_HESS=hess, SHIFT=shift, **base)
         yield f"perturb-{dt}-m{int(master)}-h{int(hess)}-s{shift}", perturb._perturb_kernel, sig, const
+    import triton.language as tl
+
+    for dt, master, hess in itertools.product(("bf16", "fp32"), (True, False), (True, False)):
+        sig = dict(table_ptr="*i64", n_rows="i32", step="i32", stream="i32", scale="fp32")
+        const = dict(LOCAL_T=tl.bfloat16 if dt == "bf16" else tl.float32, HESS_T=tl.float32, HAS_MASTER=master,
+                     HAS_HESS=hess, SEARCH_STEPS=9, **base)
+        yield f"perturb-many-{dt}-m{int(master)}-h{int(hess)}", perturb._perturb_many_kernel, sig, const
     scal = {k: "fp32" for k in ("c0", "c1", "c2", "c3", "restore")}
     for dt, master, ns in itertools.product(("bf16", "fp32"), (True, False), (1, 2)):
         sig = dict(local_ptr=f"*{dt}", master_ptr="*fp32", n="i32", **KEYS, **scal, decay="fp32", neg_lr="fp32")

@@ -68,3 +68,112 @@ def perturb_from_master_(
         local.copy_(master)
     else:
         _launch(local, master, hess, z, start, scale)
+
+
+# ---------------------------------------------------------------------------- many shards, one launch
+# One launch per parameter tensor costs a model of ~400 tensors ~400 launches a pass, most of them
+# biases and norms whose kernel is shorter than its launch. Shards below SMALL elements therefore
+# share one launch per dtype group: a table row per shard (its pointers, size, Philox key and tile
+# layout), and each program finds its row by binary search over the rows' first tiles. Large shards
+# keep their own launch, where the known alignment of a kernel argument gives vectorised loads.
+
+SMALL = 1 << 20  # elements
+_COLS = tl.constexpr(9)
+_LOCAL, _MASTER, _HESS, _N, _K0, _K1, _BLK, _SHIFT, _TILE0 = (tl.constexpr(i) for i in range(9))
+_TABLES: dict[tuple, torch.Tensor] = {}  # device tables by shard layout: the layout rarely changes
+_MAX_TABLES = 16
+
+
+@triton.jit(do_not_specialize=["n_rows", "step", "stream", "scale"])
+def _perturb_many_kernel(table_ptr, n_rows, step, stream, scale,
+                         LOCAL_T: tl.constexpr, HESS_T: tl.constexpr, HAS_MASTER: tl.constexpr,
+                         HAS_HESS: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_LIBDEVICE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    lo = pid * 0  # the last row whose first tile is <= pid (rows are in tile order, row 0 starts at 0)
+    hi = lo + n_rows
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go = tl.load(table_ptr + mid * _COLS + _TILE0) <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    row = table_ptr + lo * _COLS
+    tile = pid - tl.load(row + _TILE0)
+    n = tl.load(row + _N)
+    offs = tile * BLOCK + tl.arange(0, BLOCK) - tl.load(row + _SHIFT)
+    mask = (offs >= 0) & (offs < n)
+    blk0 = tl.load(row + _BLK) + tile * (BLOCK // 4)
+    k0 = tl.load(row + _K0).to(tl.uint32)
+    k1 = tl.load(row + _K1).to(tl.uint32)
+    d = tile_z(blk0, k0, k1, step, stream, BLOCK, USE_LIBDEVICE)
+    local_ptr = tl.load(row + _LOCAL).to(tl.pointer_type(LOCAL_T), bitcast=True)
+    if HAS_HESS:
+        hess_ptr = tl.load(row + _HESS).to(tl.pointer_type(HESS_T), bitcast=True)
+        h = tl.load(hess_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        d = tl.div_rn(d, tl.sqrt_rn(h))
+    if HAS_MASTER:
+        master_ptr = tl.load(row + _MASTER).to(tl.pointer_type(tl.float32), bitcast=True)
+        base = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    else:
+        base = tl.load(local_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = base + scale * d
+    tl.store(local_ptr + offs, x.to(LOCAL_T), mask=mask)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _table(rows: list[tuple], device) -> torch.Tensor:
+    key = (str(device), tuple(rows))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.pop(next(iter(_TABLES)))
+        table = _TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+    return table
+
+
+def _launch_many(shards: list, scale: float) -> None:
+    """One launch for shards sharing the local dtype and the presence (and dtype) of master and H."""
+    local0, master0, hess0 = shards[0][0], shards[0][1], shards[0][2]
+    rows, tiles = [], 0
+    for local, master, hess, z, start in shards:
+        n = local.numel()
+        rows.append((local.data_ptr(), master.data_ptr() if master is not None else 0,
+                     hess.data_ptr() if hess is not None else 0, n, z.k0, z.k1, start // 4, start % 4, tiles))
+        tiles += triton.cdiv(n + start % 4, BLOCK)
+    z0 = shards[0][3]
+    _perturb_many_kernel[(tiles,)](
+        _table(rows, local0.device), len(rows), *stream_args(z0, 0)[2:4], float(scale),
+        LOCAL_T=_TL_DTYPES[local0.dtype], HESS_T=_TL_DTYPES[hess0.dtype] if hess0 is not None else tl.float32,
+        HAS_MASTER=master0 is not None, HAS_HESS=hess0 is not None,
+        SEARCH_STEPS=max(1, len(rows).bit_length()), BLOCK=BLOCK, USE_LIBDEVICE=LIBDEVICE, num_warps=NUM_WARPS,
+    )
+
+
+def perturb_shards_(shards, scale: float, small: int = SMALL) -> None:
+    """The perturb pass over many shards: ``perturb_from_master_`` for a shard with a master, else
+    ``perturb_``. ``shards``: (local, master | None, hess | None, z, start) tuples whose z share the step
+    and stream. Shards below ``small`` elements go in one launch per dtype group, the rest one each."""
+    groups: dict[tuple, list] = {}
+    for shard in shards:
+        local, master, hess, z, start = shard
+        if scale == 0.0:  # the restore: a copy from the master, nothing without one
+            if master is not None:
+                local.copy_(master)
+            continue
+        check_flat("local", local)
+        if master is not None:
+            check_flat("master", master, local.numel())
+        if hess is not None:
+            check_flat("hess", hess, local.numel())
+        if local.numel() >= small:
+            _launch(local, master, hess, z, start, scale)
+        elif local.numel():
+            key = (local.device, local.dtype, master is not None, hess.dtype if hess is not None else None)
+            groups.setdefault(key, []).append(shard)
+    steps = {(s[3].step, s[3].stream) for g in groups.values() for s in g}
+    if len(steps) > 1:
+        raise ValueError(f"zo_scale.kernels: one perturb pass has one step and stream, got {sorted(steps)}")
+    for group in groups.values():
+        _launch_many(group, scale)

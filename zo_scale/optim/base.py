@@ -192,16 +192,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         eps = self.param_groups[0]["eps"]
         delta = offset - self._offset
         self.backend.prepare_edit()
+        fused = {True: [], False: []}  # shards for the fused kernels, by whether they have a master
         for view in self.views:
             master = self.shard_state[view.name].get("master")
             if self._uses_kernels(view):
-                from zo_scale import kernels
-
                 z, hess = self._stream(view, sample), self._direction_hessian(view)
-                if master is not None:
-                    kernels.perturb_from_master_(view.local, master, z, view.start, offset * eps, hess=hess)
-                else:
-                    kernels.perturb_(view.local, z, view.start, delta * eps, hess=hess)
+                fused[master is not None].append((view.local, master, hess, z, view.start))
                 continue
             for lo, hi in self._chunk_ranges(view):
                 d = self._direction(view, lo, hi, self._z(view, lo, hi, sample))
@@ -214,6 +210,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                         local.copy_(master[lo:hi] + (offset * eps) * d)
                 else:
                     local.add_(d.to(local.dtype), alpha=delta * eps)
+        if fused[True] or fused[False]:
+            from zo_scale import kernels
+
+            # small shards share launches (kernels.perturb_shards_); a master is written fresh at the
+            # absolute offset, weights without one move by the change
+            kernels.perturb_shards_(fused[True], offset * eps)
+            kernels.perturb_shards_(fused[False], delta * eps)
         self.backend.finish_edit()
         self._offset = offset
 
