@@ -129,7 +129,7 @@ def trace_memory(model, *, batch: int = 16, seq: int = 256, dtype: str = "bf16",
         with counter:
             opt = optimizers[optimizer](net, lr=1e-6, eps=1e-3, seed=0, master_weights=master, state_dtype=state)
             allocated = counter.live
-            counter.peak = allocated
+            counter.peak = allocated  # from here the step: construction's transient copies are not part of it
             ids = torch.zeros(batch, seq, dtype=torch.long)
             with torch.no_grad():
                 net(input_ids=ids, labels=ids, use_cache=False).loss
