@@ -30,21 +30,18 @@ def token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     n_tokens = int(labeled.sum())  # on the labels' device: CPU batches need no device sync here
     inputs = {k: batch[k].to(device) for k in _MODEL_INPUTS if k in batch}
     with eval_mode(model):
-        if n_tokens == labeled.numel():  # whole-text loss: one fp32 copy, no row gather (a second copy)
-            logits = model(**inputs, **no_cache(model)).logits[:, :-1]
-            selected = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)
-            gold = targets.to(device).flatten()
+        if takes_logits_to_keep(model):  # the LM head only where some row's label is predicted
+            cols = labeled.any(0).nonzero().squeeze(1)
+            logits = model(**inputs, logits_to_keep=cols.to(device), **no_cache(model)).logits
+            labeled, targets = labeled[:, cols], targets[:, cols]
         else:
-            if takes_logits_to_keep(model):  # the LM head only where some row's label is predicted
-                cols = labeled.any(0).nonzero().squeeze(1)
-                logits = model(**inputs, logits_to_keep=cols.to(device), **no_cache(model)).logits
-                labeled, targets = labeled[:, cols], targets[:, cols]
-            else:
-                logits = model(**inputs, **no_cache(model)).logits[:, :-1]
+            logits = model(**inputs, **no_cache(model)).logits[:, :-1]
+        promoted = torch.promote_types(logits.dtype, torch.float32)
+        if n_tokens == labeled.numel():  # every kept position labelled: one fp32 copy, no row gather (a second)
+            selected, gold = logits.to(promoted).flatten(0, 1), targets.to(device).flatten()
+        else:
             labeled = labeled.to(device)
-            selected = logits[labeled]
-            selected = selected.to(torch.promote_types(selected.dtype, torch.float32))
-            gold = targets.to(device)[labeled]
+            selected, gold = logits[labeled].to(promoted), targets.to(device)[labeled]
         loss_sum = F.cross_entropy(selected, gold, reduction="sum")
     return loss_sum.to(torch.float64), n_tokens
 
