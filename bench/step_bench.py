@@ -200,7 +200,7 @@ def bench_model(name: str, shape: ModelShape, args, device, timer: Timer, bw: fl
         if gpu_mem and not p.fits:
             entry["skipped"] = f"plan: {p.total_bytes / GIB:.1f} GiB > {gpu_mem:.1f} GiB (try --state-dtype bf16)"
             continue
-        entry["state_bytes"] = sum(v for k, v in p.parts.items() if k.startswith(("optimizer state", "fp32 master")))
+        entry["state_bytes"] = p.state_bytes
         opt = None
         try:
             opt = OPTIMIZERS[base](model, lr=args.lr, eps=1e-3, seed=1, master_weights=master,

@@ -164,16 +164,13 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     args = ap.parse_args(argv)
     try:
-        traced, p = compare(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype,
-                                  optimizer=args.optimizer, state_dtype=args.state_dtype, master=args.master,
-                                  attention=args.attention)
+        traced, p = compare(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype, optimizer=args.optimizer,
+                            state_dtype=args.state_dtype, master=args.master, attention=args.attention)
     except PlanError as err:
         print(f"zo_scale.memtrace: error: {err}", file=sys.stderr)
         return 2
-    planned_state = p.total_bytes - p.parts["weight shard"] - p.parts["forward peak (activations)"] - \
-        p.parts["z chunk (fp32)"]
     rows = [("weights", traced.weights, p.parts["weight shard"]),
-            ("optimizer state + master", traced.state, planned_state),
+            ("optimizer state + master", traced.state, p.state_bytes),
             ("forward + loss peak", traced.forward_peak, p.parts["forward peak (activations)"]),
             ("total (no reserve, no z chunk)", traced.total, planned_total(p))]
     print(f"{args.model}: {args.optimizer}, {args.dtype} weights, batch {args.batch} × seq {args.seq}, "

@@ -181,6 +181,11 @@ class Plan:
         return sum(self.parts.values())
 
     @property
+    def state_bytes(self) -> int:
+        """What the optimizer allocates beside the weights: its per-coordinate state and the fp32 master."""
+        return sum(v for k, v in self.parts.items() if k.startswith(("optimizer state", "fp32 master")))
+
+    @property
     def fits(self) -> bool:
         return self.total_bytes <= self.gpu_mem_bytes
 
@@ -319,7 +324,7 @@ def _forward_peak(shape, b, s, wb, attention, notes) -> int:
     mlp_width = 2 * f if shape.family == "opt" else 3 * f  # fc1 out + activation / gate, up, product
     mlp = tokens * mlp_width * wb
     logits = tokens * shape.vocab * (wb + 4 + 4)  # logits, one fp32 copy, log-softmax
-    largest = max(("logits + loss", logits), ("attention", attn), ("MLP", mlp), key=lambda kv_: kv_[1])
+    largest = max(("logits + loss", logits), ("attention", attn), ("MLP", mlp), key=lambda part: part[1])
     notes.append(f"forward peak: {largest[0]} ({largest[1] / GIB:.2f} GiB) + residual stream ({residual / GIB:.2f} GiB)")
     return residual + largest[1]
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from zo_scale.kernels.philox import (
-    BLOCK, LIBDEVICE, NUM_WARPS, check_flat, grid, stream_args, tile_offsets, tile_z,
+    BLOCK, LIBDEVICE, NUM_WARPS, check_flat, grid, i32, stream_args, tile_offsets, tile_z,
 )
 from zo_scale.rng import ZStream
 
@@ -35,7 +35,7 @@ def _perturb_kernel(local_ptr, master_ptr, hess_ptr, n, k0, k1, step, stream, bl
     tl.store(local_ptr + offs, x.to(local_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(local, master, hess, z: ZStream, start: int, scale: float) -> None:
+def _check(local, master, hess) -> None:
     n = local.numel()
     check_flat("local", local)
     if master is not None:
@@ -44,6 +44,11 @@ def _launch(local, master, hess, z: ZStream, start: int, scale: float) -> None:
             raise ValueError(f"zo_scale.kernels: master must be float32, got {master.dtype}")
     if hess is not None:
         check_flat("hess", hess, n)
+
+
+def _launch(local, master, hess, z: ZStream, start: int, scale: float) -> None:
+    _check(local, master, hess)
+    n = local.numel()
     if n == 0:
         return
     _perturb_kernel[grid(n, start)](
@@ -144,7 +149,7 @@ def _launch_many(shards: list, scale: float) -> None:
         tiles += triton.cdiv(n + start % 4, BLOCK)
     z0 = shards[0][3]
     _perturb_many_kernel[(tiles,)](
-        _table(rows, local0.device), len(rows), *stream_args(z0, 0)[2:4], float(scale),
+        _table(rows, local0.device), len(rows), i32(z0.step), i32(z0.stream), float(scale),
         LOCAL_T=_TL_DTYPES[local0.dtype], HESS_T=_TL_DTYPES[hess0.dtype] if hess0 is not None else tl.float32,
         HAS_MASTER=master0 is not None, HAS_HESS=hess0 is not None,
         SEARCH_STEPS=max(1, len(rows).bit_length()), BLOCK=BLOCK, USE_LIBDEVICE=LIBDEVICE, num_warps=NUM_WARPS,
@@ -162,11 +167,7 @@ def perturb_shards_(shards, scale: float, small: int = SMALL) -> None:
             if master is not None:
                 local.copy_(master)
             continue
-        check_flat("local", local)
-        if master is not None:
-            check_flat("master", master, local.numel())
-        if hess is not None:
-            check_flat("hess", hess, local.numel())
+        _check(local, master, hess)
         if local.numel() >= small:
             _launch(local, master, hess, z, start, scale)
         elif local.numel():
