@@ -228,7 +228,7 @@ def test_perturb_shards_batches_small_shards_bit_identically(dtype, with_master,
 def test_perturb_shards_refuses_mixed_steps():
     a, b = torch.zeros(8, device=DEV), torch.zeros(8, device=DEV)
     shards = [(a, None, None, rng.ZStream.make(1, 1, 0), 0), (b, None, None, rng.ZStream.make(1, 2, 1), 0)]
-    with pytest.raises(ValueError, match="one step and stream"):
+    with pytest.raises(ValueError, match="one step, stream and kind"):
         perturb.perturb_shards_(shards, 1e-3)
 
 
@@ -240,6 +240,34 @@ def test_perturb_rejects_bad_shapes():
         perturb.perturb_from_master_(torch.zeros(8, device=DEV), torch.zeros(7, device=DEV), z, 0, 1.0)
     with pytest.raises(ValueError, match="fp32/bf16/fp16"):  # fp64 stays on the (fp64) torch path
         perturb.perturb_(torch.zeros(8, dtype=torch.float64, device=DEV), z, 0, 1.0)
+
+
+@pytest.mark.parametrize("start,n", [(0, 4), (3, 2051), ((1 << 32) - 6, 1030)])
+def test_draw_range_signs_match_reference(start, n):
+    z = rng.ZStream.make(4, 21, 9, 3, "rademacher")
+    got = philox.draw_range(z, start, n, device=DEV)
+    assert torch.equal(got.cpu(), rng.sign_range_reference(z, start, n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_master", [False, True])
+def test_perturb_with_signs(dtype, with_master):
+    """FZOO's probes: the perturb kernels (one shard, and small shards batched) move along u = ±1."""
+    layout = [(2051, 3), (5, 0), (700, (1 << 32) + 1)]
+    shards, want = [], []
+    for i, (n, start) in enumerate(layout):
+        master = _rand(n, torch.float32, 60 + i) if with_master else None
+        local = master.to(dtype).clone() if with_master else _rand(n, dtype, 60 + i)
+        z = rng.ZStream.make(5, 500 + i, 2, 1, "rademacher")
+        u = rng.sign_range_reference(z, start, n).to(DEV)
+        want.append(((master if with_master else local.float()) + 1e-3 * u).to(dtype))
+        shards.append((local, master, None, z, start))
+    perturb.perturb_shards_(shards, 1e-3, small=1024)  # the first shard alone, the rest batched
+    for (got, *_), w in zip(shards, want):
+        _close(got, w, dtype)
+    mixed = [shards[0], (shards[1][0], None, None, rng.ZStream.make(5, 501, 2, 1), 0)]
+    with pytest.raises(ValueError, match="kind"):
+        perturb.perturb_shards_(mixed, 1e-3, small=1 << 20)
 
 
 # ---------------------------------------------------------------------------- fused restore + update
@@ -356,6 +384,23 @@ def _helene_case(dtype, with_master, opts, state_dtype, *, n_samples, wd):
     _check_theta(local, master, theta, dtype)
 
 
+@pytest.mark.parametrize("dtype,with_master", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kind,n_dirs,wd", [("rademacher", 8, 0.0), ("rademacher", 3, 0.1), ("normal", 2, 0.0)])
+def test_fzoo_restore_update(dtype, with_master, kind, n_dirs, wd):
+    start, lr, eps = (1 << 32) + 3, 1e-2, 1e-3
+    local, master = _setup(dtype, with_master)
+    n = local.numel()
+    us = [rng.ZStream.make(1, 78, 5, j, kind) for j in range(n_dirs)]
+    coefs = [0.3, -1.1, 0.05, 0.7, -0.2, 0.9, -0.6, 0.1][:n_dirs]
+    ur = [(rng.sign_range_reference if kind == "rademacher" else rng.normal_range_reference)(u, start, n).to(DEV)
+          for u in us]
+    theta = _ref_theta(local, master, ur[-1], -eps)  # the weights sit at +εu_last
+    updates.mezo_update_(theta, updates.combined_direction(ur, coefs, torch.float32), lr=lr, weight_decay=wd)
+    coef_t = torch.tensor(coefs, dtype=torch.float32, device=DEV) if n_dirs == 3 else coefs  # both forms
+    update.fzoo_restore_update_(local, us, start, coefs=coef_t, restore=-eps, lr=lr, weight_decay=wd, master=master)
+    _check_theta(local, master, theta, dtype)
+
+
 def test_update_argument_checks():
     local = torch.zeros(16, device=DEV)
     zs = [rng.ZStream.make(0, 1, 0, j) for j in (0, 2)]  # streams not consecutive
@@ -370,6 +415,11 @@ def test_update_argument_checks():
             alpha=1.0, beta1=0.9, beta2=0.9, refresh_hessian=True, hessian_scale=1.0, use_hessian=True, gamma=1.0,
             clip_mode="bogus", clip_lambda=1.0, stab_eps=1e-8, weight_decay=0.0,
         )
+    signs = [rng.ZStream.make(0, 1, 0, j, "rademacher") for j in range(2)]
+    with pytest.raises(ValueError, match="normal"):  # MeZO's kernel draws Gaussians only
+        update.mezo_restore_update_(local, signs, 0, pgs=[1.0, 1.0], restore=0.0, lr=1.0, weight_decay=0.0)
+    with pytest.raises(ValueError, match="coefficients"):
+        update.fzoo_restore_update_(local, signs, 0, coefs=[1.0], restore=0.0, lr=1.0, weight_decay=0.0)
 
 
 # ---------------------------------------------------------------------------- compiled form

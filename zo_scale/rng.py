@@ -10,6 +10,11 @@ Element ``i`` (flat, row-major) of parameter ``p`` at step ``t`` is a pure funct
 
 ``stream`` separates independent draws within one step (n-SPSA samples use 0, 1, ...).
 
+Rademacher directions (FZOO) come from the same words: element ``i`` is +1 where bit 31 of word
+``i % 4`` of block ``i // 4`` is 0, else −1 — one Philox bit per element, the same tiling as the
+Gaussian, so every kernel and shard split that serves z serves u unchanged. ``ZStream.kind`` says
+which of the two a stream draws; ``draw_range`` dispatches on it.
+
 Three implementations compute the same integers: ``philox4x32_reference`` (torch int64, any
 device — the specification), the C kernel in ``csrc/philox_normal.c`` (fast CPU path, built on
 first use with the system C compiler) and the Triton kernels in ``zo_scale.kernels`` (CUDA).
@@ -52,6 +57,9 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+KINDS = ("normal", "rademacher")
+
+
 @dataclass(frozen=True)
 class ZStream:
     """Everything that selects one parameter's z except the element index."""
@@ -60,13 +68,16 @@ class ZStream:
     k1: int
     step: int
     stream: int = 0
+    kind: str = "normal"  # "normal": Box–Muller Gaussians; "rademacher": ±1 from one bit per element
 
     @staticmethod
-    def make(seed: int, uid: int, step: int, stream: int = 0) -> "ZStream":
+    def make(seed: int, uid: int, step: int, stream: int = 0, kind: str = "normal") -> "ZStream":
         if not 0 <= step <= MASK32 or not 0 <= stream <= MASK32:
             raise ValueError(f"step and stream must fit in 32 bits, got step={step} stream={stream}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         key = _splitmix64(_splitmix64(seed & MASK64) ^ uid)
-        return ZStream(key & MASK32, key >> 32, step, stream)
+        return ZStream(key & MASK32, key >> 32, step, stream, kind)
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,14 +119,29 @@ def words_to_normals(x0, x1, x2, x3) -> torch.Tensor:
     return torch.stack([ra * torch.cos(ta), ra * torch.sin(ta), rb * torch.cos(tb), rb * torch.sin(tb)], 1).reshape(-1)
 
 
-def normal_range_reference(z: ZStream, start: int, n: int, device="cpu") -> torch.Tensor:
-    """z[start : start + n] of one parameter, float32, computed by the torch reference."""
+def words_to_signs(x0, x1, x2, x3) -> torch.Tensor:
+    """±1.0 in float32 from the top bit of each word, interleaved as words_to_normals."""
+    bits = torch.stack([x0, x1, x2, x3], 1).reshape(-1) >> 31
+    return (1 - 2 * bits).to(torch.float32)
+
+
+def _range_reference(z: ZStream, start: int, n: int, device, to_values) -> torch.Tensor:
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
     first, last = start // 4, (start + n - 1) // 4
-    full = words_to_normals(*philox_words_reference(z, first, last - first + 1, device))
+    full = to_values(*philox_words_reference(z, first, last - first + 1, device))
     off = start - 4 * first
     return full[off : off + n]
+
+
+def sign_range_reference(z: ZStream, start: int, n: int, device="cpu") -> torch.Tensor:
+    """u[start : start + n] of one parameter (±1, float32), computed by the torch reference."""
+    return _range_reference(z, start, n, device, words_to_signs)
+
+
+def normal_range_reference(z: ZStream, start: int, n: int, device="cpu") -> torch.Tensor:
+    """z[start : start + n] of one parameter, float32, computed by the torch reference."""
+    return _range_reference(z, start, n, device, words_to_normals)
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,11 +190,9 @@ def _c_kernel():
         if _lib is None and not _lib_failed:
             try:
                 lib = ctypes.CDLL(str(_build_c_kernel()))
-                lib.zo_philox_normal.argtypes = [ctypes.c_uint64, ctypes.c_int64] + [ctypes.c_uint32] * 4 + [
-                    ctypes.c_void_p,
-                    ctypes.c_int,
-                ]
-                lib.zo_philox_normal.restype = None
+                for fn in (lib.zo_philox_normal, lib.zo_philox_sign):
+                    fn.argtypes = [ctypes.c_uint64, ctypes.c_int64] + [ctypes.c_uint32] * 4 + [ctypes.c_void_p, ctypes.c_int]
+                    fn.restype = None
                 _lib = lib
             except (OSError, subprocess.CalledProcessError) as err:
                 _lib_failed = True
@@ -181,8 +205,11 @@ def has_c_kernel() -> bool:
     return _c_kernel() is not None
 
 
-def normal_range(z: ZStream, start: int, n: int, device="cpu", out: torch.Tensor | None = None) -> torch.Tensor:
-    """z[start : start + n] of one parameter as float32 on ``device``.
+_REFERENCE = {"normal": normal_range_reference, "rademacher": sign_range_reference}
+
+
+def draw_range(z: ZStream, start: int, n: int, device="cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Elements [start, start + n) of one parameter's direction (``z.kind``) as float32 on ``device``.
 
     CPU uses the C kernel (falls back to the torch reference); CUDA uses the Triton kernel
     when available, else the torch reference. ``out`` (float32, contiguous, n elements) is
@@ -196,15 +223,30 @@ def normal_range(z: ZStream, start: int, n: int, device="cpu", out: torch.Tensor
                 out = torch.empty(n, dtype=torch.float32)
             if n:
                 assert out.dtype == torch.float32 and out.is_contiguous() and out.numel() == n
-                lib.zo_philox_normal(start, n, z.k0, z.k1, z.step, z.stream, out.data_ptr(), torch.get_num_threads())
+                fill = lib.zo_philox_sign if z.kind == "rademacher" else lib.zo_philox_normal
+                fill(start, n, z.k0, z.k1, z.step, z.stream, out.data_ptr(), torch.get_num_threads())
             return out
     elif device.type == "cuda":
         from zo_scale import kernels
 
         if kernels.available():
-            return kernels.normal_range(z, start, n, device=device, out=out)
-    result = normal_range_reference(z, start, n, device)
+            return kernels.draw_range(z, start, n, device=device, out=out)
+    result = _REFERENCE[z.kind](z, start, n, device)
     if out is not None:
         out.copy_(result)
         return out
     return result
+
+
+def normal_range(z: ZStream, start: int, n: int, device="cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+    """z[start : start + n] of one parameter, Gaussian (``draw_range`` for a normal stream)."""
+    if z.kind != "normal":
+        raise ValueError(f"normal_range needs a normal stream, got kind {z.kind!r}")
+    return draw_range(z, start, n, device, out)
+
+
+def sign_range(z: ZStream, start: int, n: int, device="cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+    """u[start : start + n] of one parameter, ±1 (``draw_range`` for a Rademacher stream)."""
+    if z.kind != "rademacher":
+        raise ValueError(f"sign_range needs a rademacher stream, got kind {z.kind!r}")
+    return draw_range(z, start, n, device, out)

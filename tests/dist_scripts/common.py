@@ -7,6 +7,7 @@ reference run, so every run builds bit-identical initial weights and batches.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -18,13 +19,14 @@ FUSED_STEPS = 2  # steps through the Triton interpreter (slow on CPU)
 GLOBAL_BATCH = 6  # sequences; split evenly over 1, 2 or 3 ranks
 SEQ = 12
 LENGTHS = [12, 5, 9, 3, 11, 7]  # unequal token counts per rank: the weighted mean matters
-OPTIMIZERS = ("MeZO", "HiZOO", "HELENE")
+OPTIMIZERS = ("MeZO", "HiZOO", "HELENE", "FZOO")
 ARCHS = ("opt", "llama")
 
 OPT_HPARAMS = {
     "MeZO": dict(lr=2e-3, eps=1e-3, weight_decay=0.01),
     "HiZOO": dict(lr=2e-3, eps=1e-3, hessian_smooth=1e-6),
     "HELENE": dict(lr=2e-3, eps=1e-3, anneal_horizon=4.0, clip_lambda=0.5),
+    "FZOO": dict(lr=2e-3, eps=1e-3, n_directions=3, weight_decay=0.01),  # 4 forwards a step keeps CI short
 }
 
 
@@ -117,17 +119,19 @@ def make_closure(model, rank: int, world: int, per_sequence: bool = True):
 
 
 def make_optimizer(name: str, model, **overrides):
-    from zo_scale.optim import HELENE, HiZOO, MeZO
+    from zo_scale.optim import FZOO, HELENE, HiZOO, MeZO
 
-    cls = {"MeZO": MeZO, "HiZOO": HiZOO, "HELENE": HELENE}[name]
+    cls = {"MeZO": MeZO, "HiZOO": HiZOO, "HELENE": HELENE, "FZOO": FZOO}[name]
     kw = dict(OPT_HPARAMS[name], seed=7)
     kw.update(overrides)
     return cls(model, **kw)
 
 
 def step_record(opt) -> list:
+    """The step's reduced losses (None where an optimizer has no such probe) and FZOO's σ."""
     s = opt.last_stats
-    return [s.loss_plus, s.loss_minus, s.loss_zero]
+    minus = None if math.isnan(s.loss_minus) else s.loss_minus
+    return [s.loss_plus, minus, s.loss_zero, s.extra.get("sigma")]
 
 
 def full_params(model) -> dict[str, torch.Tensor]:

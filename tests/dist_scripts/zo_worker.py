@@ -14,7 +14,7 @@ Checks
               fsdp2p (fsdp2k + an async unshard pending at each step), zero3 (threshold 0),
               zero3d (DeepSpeed's default threshold), hsdp / hsdpr ((1, W) / (W, 1) meshes), ddp
   batched     as traj, but one batched forward per closure (reduction-order noise included)
-  fused       HiZOO / HELENE through the fused Triton kernels (CPU interpreter), FUSED_STEPS steps
+  fused       HiZOO / HELENE / FZOO through the fused Triton kernels (CPU interpreter), FUSED_STEPS steps
   layout      every rank's (name, start, numel) for FSDP2 and ZeRO-3 views
   negative    the traps with prepare_edit disabled (must NOT match the reference)
   coll        collectives issued during opt.step vs the same number of bare forwards
@@ -237,7 +237,7 @@ class Runner:
                 return
             backends = ("plain",) if self.world == 1 else ("fsdp2", "zero3")
             for backend in backends:
-                for name in ("HiZOO", "HELENE"):
+                for name in ("HiZOO", "HELENE", "FZOO"):
                     _, opt, rec = self.trajectory(backend, "llama", name, n=common.FUSED_STEPS)
                     rec["used_kernels"] = all(opt._uses_kernels(v) for v in opt.views)
                     self.put(("fused", name, "llama", backend), rec)
@@ -277,7 +277,7 @@ class Runner:
                 closure = self.closure(model)
                 run_steps(opt, closure, 2)  # past ZeRO-3's trace recording (forwards 1-2)
                 step_log = counter.measure(lambda: opt.step(closure))
-                n_fwd = 3 if opt.probes_loss_zero else 2
+                n_fwd = opt.last_stats.forward_passes // opt.step_count  # forwards of one step
 
                 def bare():
                     for _ in range(n_fwd):

@@ -1,8 +1,10 @@
-/* Counter-based Gaussians for zo_scale: Philox4x32-10 + Box-Muller, float32 out.
+/* Counter-based directions for zo_scale: Philox4x32-10, then Box-Muller Gaussians or
+ * Rademacher signs, float32 out.
  *
  * Element i of a stream (key k0,k1; counter words c2,c3) comes from the Philox block
  * b = i / 4 with counter (lo32(b), hi32(b), c2, c3): words (x0,x1) give elements 4b, 4b+1,
- * words (x2,x3) give 4b+2, 4b+3. This must match zo_scale/rng.py integer for integer.
+ * words (x2,x3) give 4b+2, 4b+3 (Gaussian); for signs, word k's top bit gives element 4b+k
+ * (0: +1, 1: -1). This must match zo_scale/rng.py integer for integer.
  *
  * Work is done in tiles of TILE elements aligned to the global index, each tile by the
  * same fixed-trip-count loop, so an element's float value never depends on which range
@@ -15,9 +17,9 @@
 #define TILE 256
 #define BLOCKS (TILE / 4)
 
-static void tile_normals(uint64_t tile, uint32_t k0_in, uint32_t k1_in, uint32_t c2_in,
-                         uint32_t c3_in, float *restrict out) {
-    uint32_t x0[BLOCKS], x1[BLOCKS], x2[BLOCKS], x3[BLOCKS];
+static void tile_words(uint64_t tile, uint32_t k0_in, uint32_t k1_in, uint32_t c2_in, uint32_t c3_in,
+                       uint32_t *restrict x0, uint32_t *restrict x1, uint32_t *restrict x2,
+                       uint32_t *restrict x3) {
     const uint64_t first = tile * BLOCKS;
 #pragma omp simd
     for (int j = 0; j < BLOCKS; ++j) {
@@ -38,6 +40,12 @@ static void tile_normals(uint64_t tile, uint32_t k0_in, uint32_t k1_in, uint32_t
         }
         x0[j] = c0; x1[j] = c1; x2[j] = c2; x3[j] = c3;
     }
+}
+
+static void tile_normals(uint64_t tile, uint32_t k0, uint32_t k1, uint32_t c2, uint32_t c3,
+                         float *restrict out) {
+    uint32_t x0[BLOCKS], x1[BLOCKS], x2[BLOCKS], x3[BLOCKS];
+    tile_words(tile, k0, k1, c2, c3, x0, x1, x2, x3);
     const float inv24 = 1.0f / 16777216.0f, two_pi = 6.283185307179586f;
 #pragma omp simd
     for (int j = 0; j < BLOCKS; ++j) {
@@ -52,9 +60,24 @@ static void tile_normals(uint64_t tile, uint32_t k0_in, uint32_t k1_in, uint32_t
     }
 }
 
+static void tile_signs(uint64_t tile, uint32_t k0, uint32_t k1, uint32_t c2, uint32_t c3,
+                       float *restrict out) {
+    uint32_t x0[BLOCKS], x1[BLOCKS], x2[BLOCKS], x3[BLOCKS];
+    tile_words(tile, k0, k1, c2, c3, x0, x1, x2, x3);
+#pragma omp simd
+    for (int j = 0; j < BLOCKS; ++j) {
+        out[4 * j + 0] = 1.0f - 2.0f * (float)(x0[j] >> 31);
+        out[4 * j + 1] = 1.0f - 2.0f * (float)(x1[j] >> 31);
+        out[4 * j + 2] = 1.0f - 2.0f * (float)(x2[j] >> 31);
+        out[4 * j + 3] = 1.0f - 2.0f * (float)(x3[j] >> 31);
+    }
+}
+
+typedef void (*tile_fn)(uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, float *restrict);
+
 /* Fill out[0:n] with the stream's elements [start, start + n). */
-void zo_philox_normal(uint64_t start, int64_t n, uint32_t k0, uint32_t k1, uint32_t c2,
-                      uint32_t c3, float *out, int num_threads) {
+static void fill_range(tile_fn tile_values, uint64_t start, int64_t n, uint32_t k0, uint32_t k1,
+                       uint32_t c2, uint32_t c3, float *out, int num_threads) {
     if (n <= 0) return;
     const uint64_t end = start + (uint64_t)n;
     const int64_t t_first = (int64_t)(start / TILE), t_last = (int64_t)((end - 1) / TILE);
@@ -63,12 +86,22 @@ void zo_philox_normal(uint64_t start, int64_t n, uint32_t k0, uint32_t k1, uint3
     for (int64_t t = t_first; t <= t_last; ++t) {
         uint64_t t0 = (uint64_t)t * TILE;
         if (t0 >= start && t0 + TILE <= end) {
-            tile_normals((uint64_t)t, k0, k1, c2, c3, out + (t0 - start));
+            tile_values((uint64_t)t, k0, k1, c2, c3, out + (t0 - start));
         } else { /* edge tile: compute whole, copy the overlap */
             float buf[TILE];
-            tile_normals((uint64_t)t, k0, k1, c2, c3, buf);
+            tile_values((uint64_t)t, k0, k1, c2, c3, buf);
             uint64_t lo = t0 > start ? t0 : start, hi = t0 + TILE < end ? t0 + TILE : end;
             memcpy(out + (lo - start), buf + (lo - t0), (size_t)(hi - lo) * sizeof(float));
         }
     }
+}
+
+void zo_philox_normal(uint64_t start, int64_t n, uint32_t k0, uint32_t k1, uint32_t c2, uint32_t c3,
+                      float *out, int num_threads) {
+    fill_range(tile_normals, start, n, k0, k1, c2, c3, out, num_threads);
+}
+
+void zo_philox_sign(uint64_t start, int64_t n, uint32_t k0, uint32_t k1, uint32_t c2, uint32_t c3,
+                    float *out, int num_threads) {
+    fill_range(tile_signs, start, n, k0, k1, c2, c3, out, num_threads);
 }

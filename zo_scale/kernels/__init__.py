@@ -1,15 +1,17 @@
 """Fused Triton kernels (CUDA) that generate z in registers; see zo_scale.rng for the specification.
 
 Importing this package does not import Triton: the kernels load on first use, so CPU-only
-installs and ``rng.normal_range``'s dispatch stay cheap. Call ``available()`` before using them.
+installs and ``rng.draw_range``'s dispatch stay cheap. Call ``available()`` before using them.
 
 Public API (all take flat contiguous shards; ``start`` is the global flat index of element 0):
   normal_range(z, start, n, device, out=None)                      z as float32
+  draw_range(z, start, n, device, out=None)                        z or Rademacher u, by z.kind
   philox_words(z, first_block, n_blocks, device)                   raw Philox words (tests)
   perturb_(local, z, start, scale, hess=None)                      local += scale·d
   perturb_from_master_(local, master, z, start, scale, hess=None)  local = cast(master + scale·d)
   perturb_shards_(shards, scale)                                   either, for many shards, small ones batched
   mezo_restore_update_(local, zs, start, ...)                      fused restore + MeZO step
+  fzoo_restore_update_(local, us, start, ...)                      fused restore + FZOO step (N directions)
   hizoo_restore_update_(local, hess, z, start, ...)                fused restore + HiZOO step
   helene_restore_update_(local, m, h, zs, start, ...)              fused restore + HELENE step
 """
@@ -21,11 +23,13 @@ import os
 
 _API = {
     "normal_range": "philox",
+    "draw_range": "philox",
     "philox_words": "philox",
     "perturb_": "perturb",
     "perturb_from_master_": "perturb",
     "perturb_shards_": "perturb",
     "mezo_restore_update_": "update",
+    "fzoo_restore_update_": "update",
     "hizoo_restore_update_": "update",
     "helene_restore_update_": "update",
     "MAX_SAMPLES": "update",

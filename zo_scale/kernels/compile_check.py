@@ -25,24 +25,37 @@ def _variants():
     from zo_scale.kernels import perturb, philox, update
 
     base = dict(BLOCK=philox.BLOCK, USE_LIBDEVICE=True)
-    yield "normal", philox._normal_kernel, dict(out_ptr="*fp32", n="i32", **KEYS), dict(SHIFT=0, **base)
+    for sign in (False, True):
+        yield f"draw-sign{int(sign)}", philox._draw_kernel, dict(out_ptr="*fp32", n="i32", **KEYS), dict(
+            SIGN=sign, SHIFT=0, **base)
     yield "words", philox._words_kernel, dict(out_ptr="*i64", n_blocks="i32", **KEYS), dict(NB=256)
     for dt, master, hess, shift in itertools.product(("bf16", "fp32"), (True, False), (True, False), (0, 1)):
         sig = dict(local_ptr=f"*{dt}", master_ptr="*fp32", hess_ptr="*fp32", n="i32", **KEYS, scale="fp32")
-        const = dict(HAS_MASTER=master, HAS_HESS=hess, SHIFT=shift, **base)
+        const = dict(HAS_MASTER=master, HAS_HESS=hess, SIGN=False, SHIFT=shift, **base)
         yield f"perturb-{dt}-m{int(master)}-h{int(hess)}-s{shift}", perturb._perturb_kernel, sig, const
+    for dt, master in itertools.product(("bf16", "fp32"), (True, False)):  # FZOO's Rademacher probes
+        sig = dict(local_ptr=f"*{dt}", master_ptr="*fp32", hess_ptr="*fp32", n="i32", **KEYS, scale="fp32")
+        const = dict(HAS_MASTER=master, HAS_HESS=False, SIGN=True, SHIFT=0, **base)
+        yield f"perturb-sign-{dt}-m{int(master)}", perturb._perturb_kernel, sig, const
     import triton.language as tl
 
-    for dt, master, hess in itertools.product(("bf16", "fp32"), (True, False), (True, False)):
+    for dt, master, hess, sign in itertools.product(("bf16", "fp32"), (True, False), (True, False), (False, True)):
+        if hess and sign:
+            continue
         sig = dict(table_ptr="*i64", n_rows="i32", step="i32", stream="i32", scale="fp32")
         const = dict(LOCAL_T=tl.bfloat16 if dt == "bf16" else tl.float32, HESS_T=tl.float32, HAS_MASTER=master,
-                     HAS_HESS=hess, SEARCH_STEPS=9, **base)
-        yield f"perturb-many-{dt}-m{int(master)}-h{int(hess)}", perturb._perturb_many_kernel, sig, const
+                     HAS_HESS=hess, SIGN=sign, SEARCH_STEPS=9, **base)
+        yield f"perturb-many-{dt}-m{int(master)}-h{int(hess)}-sign{int(sign)}", perturb._perturb_many_kernel, sig, const
     scal = {k: "fp32" for k in ("c0", "c1", "c2", "c3", "restore")}
     for dt, master, ns in itertools.product(("bf16", "fp32"), (True, False), (1, 2)):
         sig = dict(local_ptr=f"*{dt}", master_ptr="*fp32", n="i32", **KEYS, **scal, decay="fp32", neg_lr="fp32")
         yield f"mezo-{dt}-m{int(master)}-n{ns}", update._mezo_kernel, sig, dict(
             N_SAMPLES=ns, HAS_MASTER=master, SHIFT=0, **base)
+    for dt, master, sign in itertools.product(("bf16", "fp32"), (True, False), (True, False)):
+        sig = dict(local_ptr=f"*{dt}", master_ptr="*fp32", coef_ptr="*fp32", n="i32", **KEYS, n_dirs="i32",
+                   restore="fp32", decay="fp32", neg_lr="fp32")
+        yield f"fzoo-{dt}-m{int(master)}-sign{int(sign)}", update._fzoo_kernel, sig, dict(
+            HAS_MASTER=master, SIGN=sign, SHIFT=0, **base)
     for dt, sdt, floor in itertools.product(("bf16", "fp32"), ("bf16", "fp32"), (True, False)):
         sig = dict(local_ptr=f"*{dt}", master_ptr="*fp32", hess_ptr=f"*{sdt}", n="i32", **KEYS,
                    **{k: "fp32" for k in ("restore", "gain", "keep", "floor", "decay", "step_scale")})

@@ -2,7 +2,8 @@
 
 ``perturb_``              local ← local + scale·d               (no master copy)
 ``perturb_from_master_``  local ← cast(master + scale·d)        (fp32 master; exact restore)
-with d = z, or d = z/√H when the HiZOO Hessian slice ``hess`` is given. scale = offset·ε for
+with d = z (Gaussian or, for a Rademacher stream, u = ±1), or d = z/√H when the HiZOO Hessian
+slice ``hess`` is given. scale = offset·ε for
 the master form (the absolute offset) and Δoffset·ε for the in-place form (the change).
 """
 
@@ -13,17 +14,17 @@ import triton
 import triton.language as tl
 
 from zo_scale.kernels.philox import (
-    BLOCK, LIBDEVICE, NUM_WARPS, check_flat, grid, i32, stream_args, tile_offsets, tile_z,
+    BLOCK, LIBDEVICE, NUM_WARPS, check_flat, grid, i32, is_sign, stream_args, tile_d, tile_offsets,
 )
 from zo_scale.rng import ZStream
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "step", "stream", "blk_lo", "blk_hi", "scale"])
 def _perturb_kernel(local_ptr, master_ptr, hess_ptr, n, k0, k1, step, stream, blk_lo, blk_hi, scale,
-                    HAS_MASTER: tl.constexpr, HAS_HESS: tl.constexpr,
+                    HAS_MASTER: tl.constexpr, HAS_HESS: tl.constexpr, SIGN: tl.constexpr,
                     SHIFT: tl.constexpr, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     offs, mask, blk0 = tile_offsets(blk_lo, blk_hi, n, SHIFT, BLOCK)
-    d = tile_z(blk0, k0, k1, step, stream, BLOCK, USE_LIBDEVICE)
+    d = tile_d(blk0, k0, k1, step, stream, SIGN, BLOCK, USE_LIBDEVICE)
     if HAS_HESS:
         h = tl.load(hess_ptr + offs, mask=mask, other=1.0).to(tl.float32)
         d = tl.div_rn(d, tl.sqrt_rn(h))  # IEEE, as torch's z / hess.sqrt()
@@ -54,7 +55,7 @@ def _launch(local, master, hess, z: ZStream, start: int, scale: float) -> None:
     _perturb_kernel[grid(n, start)](
         local, master if master is not None else local, hess if hess is not None else local, n,
         *stream_args(z, start), float(scale),
-        HAS_MASTER=master is not None, HAS_HESS=hess is not None,
+        HAS_MASTER=master is not None, HAS_HESS=hess is not None, SIGN=is_sign(z),
         SHIFT=start % 4, BLOCK=BLOCK, USE_LIBDEVICE=LIBDEVICE, num_warps=NUM_WARPS,
     )
 
@@ -92,8 +93,8 @@ _MAX_TABLES = 16
 @triton.jit(do_not_specialize=["n_rows", "step", "stream", "scale"])
 def _perturb_many_kernel(table_ptr, n_rows, step, stream, scale,
                          LOCAL_T: tl.constexpr, HESS_T: tl.constexpr, HAS_MASTER: tl.constexpr,
-                         HAS_HESS: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr,
-                         USE_LIBDEVICE: tl.constexpr):
+                         HAS_HESS: tl.constexpr, SIGN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                         BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     lo = pid * 0  # the last row whose first tile is <= pid (rows are in tile order, row 0 starts at 0)
     hi = lo + n_rows
@@ -110,7 +111,7 @@ def _perturb_many_kernel(table_ptr, n_rows, step, stream, scale,
     blk0 = tl.load(row + _BLK) + tile * (BLOCK // 4)
     k0 = tl.load(row + _K0).to(tl.uint32)
     k1 = tl.load(row + _K1).to(tl.uint32)
-    d = tile_z(blk0, k0, k1, step, stream, BLOCK, USE_LIBDEVICE)
+    d = tile_d(blk0, k0, k1, step, stream, SIGN, BLOCK, USE_LIBDEVICE)
     local_ptr = tl.load(row + _LOCAL).to(tl.pointer_type(LOCAL_T), bitcast=True)
     if HAS_HESS:
         hess_ptr = tl.load(row + _HESS).to(tl.pointer_type(HESS_T), bitcast=True)
@@ -151,15 +152,15 @@ def _launch_many(shards: list, scale: float) -> None:
     _perturb_many_kernel[(tiles,)](
         _table(rows, local0.device), len(rows), i32(z0.step), i32(z0.stream), float(scale),
         LOCAL_T=_TL_DTYPES[local0.dtype], HESS_T=_TL_DTYPES[hess0.dtype] if hess0 is not None else tl.float32,
-        HAS_MASTER=master0 is not None, HAS_HESS=hess0 is not None,
+        HAS_MASTER=master0 is not None, HAS_HESS=hess0 is not None, SIGN=is_sign(z0),
         SEARCH_STEPS=max(1, len(rows).bit_length()), BLOCK=BLOCK, USE_LIBDEVICE=LIBDEVICE, num_warps=NUM_WARPS,
     )
 
 
 def perturb_shards_(shards, scale: float, small: int = SMALL) -> None:
     """The perturb pass over many shards: ``perturb_from_master_`` for a shard with a master, else
-    ``perturb_``. ``shards``: (local, master | None, hess | None, z, start) tuples whose z share the step
-    and stream. Shards below ``small`` elements go in one launch per dtype group, the rest one each."""
+    ``perturb_``. ``shards``: (local, master | None, hess | None, z, start) tuples whose z share the step,
+    stream and kind. Shards below ``small`` elements go in one launch per dtype group, the rest one each."""
     groups: dict[tuple, list] = {}
     for shard in shards:
         local, master, hess, z, start = shard
@@ -171,10 +172,10 @@ def perturb_shards_(shards, scale: float, small: int = SMALL) -> None:
         if local.numel() >= small:
             _launch(local, master, hess, z, start, scale)
         elif local.numel():
-            key = (local.device, local.dtype, master is not None, hess.dtype if hess is not None else None)
+            key = (local.device, local.dtype, master is not None, hess.dtype if hess is not None else None, z.kind)
             groups.setdefault(key, []).append(shard)
-    steps = {(s[3].step, s[3].stream) for g in groups.values() for s in g}
+    steps = {(s[3].step, s[3].stream, s[3].kind) for g in groups.values() for s in g}
     if len(steps) > 1:
-        raise ValueError(f"zo_scale.kernels: one perturb pass has one step and stream, got {sorted(steps)}")
+        raise ValueError(f"zo_scale.kernels: one perturb pass has one step, stream and kind, got {sorted(steps)}")
     for group in groups.values():
         _launch_many(group, scale)

@@ -132,6 +132,26 @@ def tile_z(blk0, k0, k1, step, stream, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.co
 
 
 @triton.jit
+def tile_sign(blk0, k0, k1, step, stream, BLOCK: tl.constexpr):
+    """Rademacher u (±1.0, float32) for the same BLOCK elements as tile_z: the top bit of each word."""
+    x0, x1, x2, x3 = block_words(blk0, k0, k1, step, stream, BLOCK // 4)
+    s0 = 1.0 - 2.0 * (x0 >> 31).to(tl.float32)
+    s1 = 1.0 - 2.0 * (x1 >> 31).to(tl.float32)
+    s2 = 1.0 - 2.0 * (x2 >> 31).to(tl.float32)
+    s3 = 1.0 - 2.0 * (x3 >> 31).to(tl.float32)
+    return tl.reshape(tl.join(tl.join(s0, s2), tl.join(s1, s3)), [BLOCK])
+
+
+@triton.jit
+def tile_d(blk0, k0, k1, step, stream, SIGN: tl.constexpr, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """The direction of a stream: Rademacher when SIGN (the stream's kind), else Gaussian."""
+    if SIGN:
+        return tile_sign(blk0, k0, k1, step, stream, BLOCK)
+    else:
+        return tile_z(blk0, k0, k1, step, stream, BLOCK, USE_LIBDEVICE)
+
+
+@triton.jit
 def tile_offsets(blk_lo, blk_hi, n, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
     """This program's local offsets, their mask, and the first Philox block of its tile."""
     pid = tl.program_id(0).to(tl.int64)
@@ -148,10 +168,10 @@ def tile_offsets(blk_lo, blk_hi, n, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "step", "stream", "blk_lo", "blk_hi"])
-def _normal_kernel(out_ptr, n, k0, k1, step, stream, blk_lo, blk_hi,
-                   SHIFT: tl.constexpr, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+def _draw_kernel(out_ptr, n, k0, k1, step, stream, blk_lo, blk_hi,
+                 SIGN: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     offs, mask, blk0 = tile_offsets(blk_lo, blk_hi, n, SHIFT, BLOCK)
-    z = tile_z(blk0, k0, k1, step, stream, BLOCK, USE_LIBDEVICE)
+    z = tile_d(blk0, k0, k1, step, stream, SIGN, BLOCK, USE_LIBDEVICE)
     tl.store(out_ptr + offs, z, mask=mask)
 
 
@@ -186,19 +206,30 @@ def check_flat(name: str, t: torch.Tensor, n: int | None = None) -> None:
         raise ValueError(f"zo_scale.kernels: {name} has {t.numel()} elements, expected {n}")
 
 
-def normal_range(z: ZStream, start: int, n: int, device="cuda", out: torch.Tensor | None = None) -> torch.Tensor:
-    """z[start : start + n] of one parameter as float32 (same contract as rng.normal_range)."""
+def is_sign(z: ZStream) -> bool:
+    return z.kind == "rademacher"
+
+
+def draw_range(z: ZStream, start: int, n: int, device="cuda", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Elements [start, start + n) of one parameter's direction as float32 (contract of rng.draw_range)."""
     if out is None:
         out = torch.empty(n, dtype=torch.float32, device=device)
     check_flat("out", out, n)
     if out.dtype != torch.float32:
         raise ValueError(f"zo_scale.kernels: out must be float32, got {out.dtype}")
     if n:
-        _normal_kernel[grid(n, start)](
-            out, n, *stream_args(z, start), SHIFT=start % 4, BLOCK=BLOCK, USE_LIBDEVICE=LIBDEVICE,
+        _draw_kernel[grid(n, start)](
+            out, n, *stream_args(z, start), SIGN=is_sign(z), SHIFT=start % 4, BLOCK=BLOCK, USE_LIBDEVICE=LIBDEVICE,
             num_warps=NUM_WARPS,
         )
     return out
+
+
+def normal_range(z: ZStream, start: int, n: int, device="cuda", out: torch.Tensor | None = None) -> torch.Tensor:
+    """z[start : start + n] of one parameter as float32 (same contract as rng.normal_range)."""
+    if z.kind != "normal":
+        raise ValueError(f"normal_range needs a normal stream, got kind {z.kind!r}")
+    return draw_range(z, start, n, device, out)
 
 
 def philox_words(z: ZStream, first_block: int, n_blocks: int, device="cuda") -> torch.Tensor:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from zo_scale.kernels.philox import (
-    BLOCK, LIBDEVICE, NUM_WARPS, check_flat, grid, stream_args, tile_offsets, tile_z,
+    BLOCK, LIBDEVICE, NUM_WARPS, check_flat, grid, is_sign, stream_args, tile_d, tile_offsets, tile_z,
 )
 from zo_scale.rng import ZStream
 
@@ -87,6 +87,30 @@ def _mezo_kernel(local_ptr, master_ptr, n, k0, k1, step, stream, blk_lo, blk_hi,
     g, theta = _grad_and_restore(theta, blk0, k0, k1, step, stream, c0, c1, c2, c3, restore,
                                  N_SAMPLES, HAS_MASTER, BLOCK, USE_LIBDEVICE)
     theta = theta * decay  # decay = 1 − lr·wd (exactly 1.0 when wd = 0)
+    theta = theta + neg_lr * g
+    _store_theta(local_ptr, master_ptr, offs, mask, theta, HAS_MASTER)
+
+
+# ---------------------------------------------------------------------------- FZOO
+
+
+@triton.jit(do_not_specialize=_SCALARS + ["n_dirs", "restore", "decay", "neg_lr"])
+def _fzoo_kernel(local_ptr, master_ptr, coef_ptr, n, k0, k1, step, stream, blk_lo, blk_hi,
+                 n_dirs, restore, decay, neg_lr,
+                 HAS_MASTER: tl.constexpr, SIGN: tl.constexpr,
+                 SHIFT: tl.constexpr, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """θ ← (θ + restore·u_last)·decay − lr·Σ_i c_i·u_i: N directions regenerated in registers, θ read
+    and written once; the coefficients come from a device tensor, so N is not a compile-time choice."""
+    offs, mask, blk0 = tile_offsets(blk_lo, blk_hi, n, SHIFT, BLOCK)
+    theta = _load_theta(local_ptr, master_ptr, offs, mask, HAS_MASTER)
+    u = tile_d(blk0, k0, k1, step, stream, SIGN, BLOCK, USE_LIBDEVICE)
+    g = u * tl.load(coef_ptr)
+    for j in range(1, n_dirs):
+        u = tile_d(blk0, k0, k1, step, stream + j, SIGN, BLOCK, USE_LIBDEVICE)
+        g = g + tl.load(coef_ptr + j) * u
+    if not HAS_MASTER:  # the weights sit at +ε·u_last
+        theta = theta + restore * u
+    theta = theta * decay
     theta = theta + neg_lr * g
     _store_theta(local_ptr, master_ptr, offs, mask, theta, HAS_MASTER)
 
@@ -171,15 +195,17 @@ def _check(local, master, *state):
     return n
 
 
-def _streams(zs) -> tuple[ZStream, int]:
-    """One ZStream per SPSA sample, all of one parameter and step, streams consecutive."""
+def _streams(zs, limit: int | None = MAX_SAMPLES, kinds=("normal",)) -> tuple[ZStream, int]:
+    """One ZStream per sample, all of one parameter, step and kind, streams consecutive."""
     zs = list(zs) if isinstance(zs, (list, tuple)) else [zs]
-    if not 1 <= len(zs) <= MAX_SAMPLES:
-        raise ValueError(f"zo_scale.kernels: 1 to {MAX_SAMPLES} SPSA samples per fused update, got {len(zs)}")
+    if not zs or (limit is not None and len(zs) > limit):
+        raise ValueError(f"zo_scale.kernels: 1 to {limit} samples per fused update, got {len(zs)}")
     z0 = zs[0]
+    if z0.kind not in kinds:
+        raise ValueError(f"zo_scale.kernels: this update takes {' or '.join(kinds)} streams, got {z0.kind!r}")
     for j, z in enumerate(zs):
-        if (z.k0, z.k1, z.step, z.stream) != (z0.k0, z0.k1, z0.step, z0.stream + j):
-            raise ValueError("zo_scale.kernels: samples must share key and step and use consecutive streams")
+        if (z.k0, z.k1, z.step, z.stream, z.kind) != (z0.k0, z0.k1, z0.step, z0.stream + j, z0.kind):
+            raise ValueError("zo_scale.kernels: samples must share key, step and kind and use consecutive streams")
     return z0, len(zs)
 
 
@@ -203,6 +229,30 @@ def mezo_restore_update_(
         local, master if master is not None else local, n, *stream_args(z0, start),
         *_coefs(pgs, ns), float(restore), 1.0 - lr * weight_decay, -lr,
         N_SAMPLES=ns, HAS_MASTER=master is not None,
+        SHIFT=start % 4, BLOCK=BLOCK, USE_LIBDEVICE=LIBDEVICE, num_warps=NUM_WARPS,
+    )
+
+
+def fzoo_restore_update_(
+    local: torch.Tensor, us, start: int, *, coefs, restore: float, lr: float, weight_decay: float,
+    master: torch.Tensor | None = None,
+) -> None:
+    """Restore and FZOO-update one shard: θ ← (θ + restore·u_last)·(1 − lr·wd) − lr·Σ_i c_i·u_i, the u_i
+    Rademacher or Gaussian streams (one per direction, consecutive). ``coefs``: a list, or a float32
+    tensor on the shard's device (built once per step and shared by every shard: no copy per launch)."""
+    n = _check(local, master)
+    u0, nd = _streams(us, limit=None, kinds=("rademacher", "normal"))
+    if len(coefs) != nd:
+        raise ValueError(f"zo_scale.kernels: {nd} directions but {len(coefs)} coefficients")
+    if n == 0:
+        return
+    coef = coefs if isinstance(coefs, torch.Tensor) else torch.tensor(coefs, dtype=torch.float32)
+    if coef.dtype != torch.float32 or coef.device != local.device:
+        coef = coef.to(local.device, torch.float32)
+    _fzoo_kernel[grid(n, start)](
+        local, master if master is not None else local, coef, n, *stream_args(u0, start),
+        nd, float(restore), 1.0 - lr * weight_decay, -lr,
+        HAS_MASTER=master is not None, SIGN=is_sign(u0),
         SHIFT=start % 4, BLOCK=BLOCK, USE_LIBDEVICE=LIBDEVICE, num_warps=NUM_WARPS,
     )
 

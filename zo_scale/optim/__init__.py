@@ -1,6 +1,7 @@
 from zo_scale.optim.base import NonFiniteLossError, StepStats, ZOOptimizer
+from zo_scale.optim.fzoo import FZOO
 from zo_scale.optim.helene import HELENE
 from zo_scale.optim.hizoo import HiZOO
 from zo_scale.optim.mezo import MeZO
 
-__all__ = ["HELENE", "HiZOO", "MeZO", "NonFiniteLossError", "StepStats", "ZOOptimizer"]
+__all__ = ["FZOO", "HELENE", "HiZOO", "MeZO", "NonFiniteLossError", "StepStats", "ZOOptimizer"]

@@ -116,6 +116,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.forward_passes = 0
         self.last_stats: StepStats | None = None
         self._offset = 0  # current perturbation, in units of ε along the current direction
+        self._sample = 0  # the sample whose direction that is
         if master_weights is None:  # an fp32 master wherever weights are low precision
             master_weights = any(v.local.dtype not in FULL_PRECISION for v in self.views)
         self.master_weights = master_weights
@@ -166,14 +167,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             yield lo, min(lo + self.chunk_size, view.numel)
 
     def _z(self, view: ShardView, lo: int, hi: int, sample: int) -> torch.Tensor:
-        return rng.normal_range(self._stream(view, sample), view.start + lo, hi - lo, device=view.local.device)
+        return rng.draw_range(self._stream(view, sample), view.start + lo, hi - lo, device=view.local.device)
 
     def _uses_kernels(self, view: ShardView) -> bool:
         """Fused Triton kernels for this shard: on CUDA (or the CPU interpreter in tests)."""
         if self._kernels_ok is None:
             from zo_scale import kernels
 
-            self._kernels_ok = kernels.available() and self.n_samples <= kernels.MAX_SAMPLES
+            limit = kernels.MAX_SAMPLES if self.kernel_sample_limit == "default" else self.kernel_sample_limit
+            self._kernels_ok = kernels.available() and (limit is None or self.n_samples <= limit)
         if not self._kernels_ok:
             return False
         from zo_scale import kernels
@@ -186,39 +188,51 @@ class ZOOptimizer(torch.optim.Optimizer):
         )
 
     _kernels_ok: bool | None = None
+    kernel_sample_limit: int | str | None = "default"  # most samples the fused update takes (None: any)
 
     def _move_to(self, offset: int, sample: int) -> None:
-        """Set the weights to θ + offset·ε·d (master: written fresh; else: added in place)."""
+        """Set the weights to θ + offset·ε·d_sample (master: written fresh; else: moved in place).
+
+        Weights without a master that sit along another sample's direction (FZOO's one-sided probes
+        go from +εu_i straight to +εu_j) leave it in the same pass: two legs, old and new."""
         eps = self.param_groups[0]["eps"]
-        delta = offset - self._offset
+        if self._offset and sample != self._sample:
+            legs = [(self._sample, -self._offset), (sample, offset)]
+        else:
+            legs = [(sample, offset - self._offset)]
+        legs = [(s, k) for s, k in legs if k]
         self.backend.prepare_edit()
         fused = {True: [], False: []}  # shards for the fused kernels, by whether they have a master
         for view in self.views:
             master = self.shard_state[view.name].get("master")
             if self._uses_kernels(view):
-                z, hess = self._stream(view, sample), self._direction_hessian(view)
-                fused[master is not None].append((view.local, master, hess, z, view.start))
+                fused[master is not None].append((view, master, self._direction_hessian(view)))
                 continue
             for lo, hi in self._chunk_ranges(view):
-                d = self._direction(view, lo, hi, self._z(view, lo, hi, sample))
                 local = view.local[lo:hi]
                 if master is not None:
                     # cast(master ± εd) instead of accumulating: the restore is exact
                     if offset == 0:
                         local.copy_(master[lo:hi])
                     else:
+                        d = self._direction(view, lo, hi, self._z(view, lo, hi, sample))
                         local.copy_(master[lo:hi] + (offset * eps) * d)
-                else:
-                    local.add_(d.to(local.dtype), alpha=delta * eps)
+                    continue
+                for s, k in legs:
+                    d = self._direction(view, lo, hi, self._z(view, lo, hi, s))
+                    local.add_(d.to(local.dtype), alpha=k * eps)
         if fused[True] or fused[False]:
             from zo_scale import kernels
 
             # small shards share launches (kernels.perturb_shards_); a master is written fresh at the
-            # absolute offset, weights without one move by the change
-            kernels.perturb_shards_(fused[True], offset * eps)
-            kernels.perturb_shards_(fused[False], delta * eps)
+            # absolute offset, weights without one move leg by leg
+            kernels.perturb_shards_(
+                [(v.local, m, h, self._stream(v, sample), v.start) for v, m, h in fused[True]], offset * eps
+            )
+            for s, k in legs:
+                kernels.perturb_shards_([(v.local, m, h, self._stream(v, s), v.start) for v, m, h in fused[False]], k * eps)
         self.backend.finish_edit()
-        self._offset = offset
+        self._offset, self._sample = offset, sample
 
     # ------------------------------------------------------------------ the step
 

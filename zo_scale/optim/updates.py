@@ -123,3 +123,28 @@ def helene_update_(
         raise ValueError(f"unknown HELENE clip mode {clip_mode!r} (expected 'floor', 'ratio' or 'none')")
     theta.add_(step, alpha=-lr)
     return clipped
+
+
+# ----------------------------------------------------------------------------- FZOO
+
+
+def fzoo_coefficients(loss_zero: float, probe_losses: list[float]) -> tuple[list[float], float]:
+    """FZOO's step coefficients c_i = (ℓ_i − ℓ₀)/(N·σ), σ the population std of ℓ_1..ℓ_N.
+
+    The step is then θ ← θ − lr·Σ_i c_i·u_i: a normalised-SGD step (σ ≈ ε·‖∇L‖ for small ε, so
+    no division by ε). Returns ([], 0.0) when σ = 0 (all probe losses equal): no step is defined.
+    """
+    n = len(probe_losses)
+    mean = math.fsum(probe_losses) / n
+    sigma = math.sqrt(math.fsum((x - mean) ** 2 for x in probe_losses) / n)
+    if sigma == 0.0:
+        return [], 0.0
+    return [(x - loss_zero) / (n * sigma) for x in probe_losses], sigma
+
+
+def combined_direction(directions: list[torch.Tensor], coefs: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """Σ_i c_i·d_i on one chunk, in ``dtype`` (d_0·c_0 first, then += c_i·d_i: the kernels' order)."""
+    g = directions[0].to(dtype) * coefs[0]
+    for d, c in zip(directions[1:], coefs[1:]):
+        g.add_(d, alpha=c)
+    return g
