@@ -38,7 +38,8 @@ def test_opt66b_zero3_eight_gpus():
 
 def test_state_by_optimizer_and_master_default():
     kw = dict(dtype="bf16", state_dtype="fp32")
-    mezo, hizoo, helene = (plan("opt-1.3b", 1, optimizer=o, **kw) for o in ("mezo", "hizoo", "helene"))
+    mezo, hizoo, helene, fzoo = (plan("opt-1.3b", 1, optimizer=o, **kw) for o in ("mezo", "hizoo", "helene", "fzoo"))
+    assert fzoo.parts["optimizer state (fp32)"] == 0 and fzoo.total_bytes == mezo.total_bytes  # no state, as MeZO
     n = MODELS["opt-1.3b"].param_count()
     assert [x.parts["optimizer state (fp32)"] for x in (mezo, hizoo, helene)] == [0, 4 * n, 8 * n]
     assert mezo.master and mezo.parts["fp32 master shard"] == 4 * n

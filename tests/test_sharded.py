@@ -49,11 +49,13 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def _check_trajectory(got: dict, ref: dict, opt_name: str, mode: str, steps_offset: int = 0):
     for s_got, s_ref in zip(got["losses"], ref["losses"][steps_offset:], strict=False):
-        for a, b in zip(s_got, s_ref):
+        # losses to LOSS_RTOL; FZOO's σ (a spread of losses, last) to the same absolute error as the losses
+        scales = [abs(b) if b is not None else 0.0 for b in s_ref[:-1]] + [abs(s_ref[0])]
+        for a, b, scale in zip(s_got, s_ref, scales):
             if b is None:
                 assert a is None
                 continue
-            assert abs(a - b) <= LOSS_RTOL[mode] * abs(b), (s_got, s_ref)
+            assert abs(a - b) <= LOSS_RTOL[mode] * scale, (s_got, s_ref)
     assert len(got["losses"]) == len(ref["losses"]) - steps_offset
     assert set(got["params"]) == set(ref["params"])
     diffs = torch.cat([(got["params"][n] - ref["params"][n]).abs().flatten() for n in ref["params"]])
@@ -299,7 +301,7 @@ def test_negative_control_without_prepare_edit(backend):
     got = harness.results(2)[("negative", backend)]
     assert _max_diff(got["params"], ref["params"]) > 1e-3
     if backend == "zero3d":
-        assert any(lp == lm for lp, lm, _ in got["losses"][1:])
+        assert any(rec[0] == rec[1] for rec in got["losses"][1:])  # l+ == l-
 
 
 @pytest.mark.multiproc

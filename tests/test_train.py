@@ -286,6 +286,7 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     (["--resume"], "no complete checkpoint"),
     (["--set", "optimizer.eps=3e38"], "eps must be in (0, "),  # once an fp32 overflow deep in the first step
     (["--set", "optimizer.lr=-1"], "lr must be finite and >= 0"),
+    (["--set", 'optimizer={"name": "fzoo", "lr": 0.001, "n_directions": 1}'], "needs n_directions >= 2"),
 ])
 def test_bad_input_in_process(tmp_path, capsys, extra, expect):
     out = tmp_path / "run"
@@ -410,6 +411,16 @@ def test_other_objectives(tmp_path, objective, extra):
         assert all(-1.0 <= r["loss_plus"] <= 0.0 for r in steps)
     else:  # cross-entropy between the two candidates: ln 2 for a model that cannot tell them apart
         assert all(0.0 < r["loss_plus"] < 5.0 for r in steps)
+
+
+def test_fzoo_from_a_config(tmp_path):
+    """optimizer.name 'fzoo': N + 1 forwards a step, σ and ℓ₀ in the step records."""
+    out = tmp_path / "run"
+    opt = '{"name": "fzoo", "lr": 0.001, "eps": 0.001, "n_directions": 3}'
+    assert main(["--config", TINY_LLAMA, *_sets(out, f"optimizer={opt}", "train.steps=3", "eval.every=0")]) == 0
+    steps = step_records(out)
+    assert [r["forward_passes"] for r in steps] == [4, 8, 12]
+    assert all(r["sigma"] > 0 and r["loss"] == r["loss_zero"] and r["loss_minus"] is None for r in steps)
 
 
 def test_candidate_cross_entropy_by_hand():

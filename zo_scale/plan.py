@@ -22,7 +22,7 @@ from pathlib import Path
 GIB = 1 << 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
-STATE_TENSORS = {"mezo": 0, "hizoo": 1, "helene": 2}  # per-coordinate tensors each optimizer keeps
+STATE_TENSORS = {"mezo": 0, "hizoo": 1, "helene": 2, "fzoo": 0}  # per-coordinate tensors each optimizer keeps
 BACKENDS = ("zero3", "fsdp2", "replicated")
 BACKEND_ALIASES = {"deepspeed": "zero3", "zero-3": "zero3", "ds": "zero3", "fsdp": "fsdp2", "ddp": "replicated",
                    "single": "replicated", "none": "replicated"}
@@ -383,7 +383,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help=f"{', '.join(MODELS)} or a transformers config.json")
     ap.add_argument("--gpus", type=int, help="GPUs sharing the model (default 1)")
     ap.add_argument("--dtype", help="weight dtype: bf16 (default), fp16, fp32")
-    ap.add_argument("--optimizer", help="helene (default), hizoo, mezo")
+    ap.add_argument("--optimizer", help="helene (default), hizoo, mezo, fzoo")
     ap.add_argument("--batch", type=int, help="micro-batch per GPU (default 16)")
     ap.add_argument("--seq", type=int, help="sequence length (default 256)")
     ap.add_argument("--backend", help="zero3 (default), fsdp2, replicated")

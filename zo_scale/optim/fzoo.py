@@ -123,13 +123,14 @@ class FZOO(ZOOptimizer):
 
         group = self.param_groups[0]
         device = view.local.device
-        if device not in scalars["coef_tensors"]:  # one small copy per step and device, not per shard
-            scalars["coef_tensors"][device] = torch.tensor(coefs, dtype=torch.float32, device=device)
+        tensors = scalars.setdefault("coef_tensors", {})
+        if device not in tensors:  # one small copy per step and device, not per shard
+            tensors[device] = torch.tensor(coefs, dtype=torch.float32, device=device)
         kernels.fzoo_restore_update_(
             view.local,
             [self._stream(view, j) for j in range(self.n_samples)],
             view.start,
-            coefs=scalars["coef_tensors"][device],
+            coefs=tensors[device],
             restore=restore,
             lr=group["lr"],
             weight_decay=group["weight_decay"] if self._decays(view) else 0.0,
