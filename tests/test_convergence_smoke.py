@@ -51,7 +51,7 @@ def test_run_files_are_well_formed(smoke_out):
         if cfg["optimizer"] == "zeroshot":
             continue
         steps = [r for r in recs if r["type"] == "step"]
-        per_step = 3 if cfg["optimizer"] == "hizoo" else 2
+        per_step = {"hizoo": 3, "fzoo": 9}.get(cfg["optimizer"], 2)  # FZOO: ℓ₀ + 8 probes
         # the same forward budget for every optimizer: as many whole steps as fit
         assert final["fwd"] == (cfg["budget"] // per_step) * per_step or final["diverged"]
         assert [s["fwd"] for s in steps] == [per_step * (i + 1) for i in range(len(steps))]
@@ -67,11 +67,11 @@ def test_aggregates(smoke_out):
     assert {z["task"] for z in summary["zeroshot"]} == {"sst2-lmbff", "trec"}
     main = {(m["task"], m["mode"], m["optimizer"]) for m in summary["main"]}
     assert main == {(t, m, o) for t in ("sst2-lmbff", "trec") for m in ("full", "lora")
-                    for o in ("mezo", "hizoo", "helene")}
+                    for o in ("mezo", "hizoo", "helene", "fzoo")}
     for m in summary["main"]:
         assert 0.0 <= m["test_acc_mean"] <= 1.0 and m["test_acc_std"] >= 0.0 and m["seeds"] == [13]
-    # speedup rows: HiZOO and HELENE against MeZO, by dev accuracy and by dev loss
-    assert len(summary["speedup"]) == 4 * 2 * 2
+    # speedup rows: HiZOO, HELENE and FZOO against MeZO, by dev accuracy and by dev loss
+    assert len(summary["speedup"]) == 4 * 3 * 2
     for p in summary["speedup"]:
         assert p["metric"] in ("dev acc", "dev loss") and len(p["per_seed"]) == 1
         sp = p["per_seed"][0]
@@ -206,3 +206,43 @@ def test_selection_by_dev_accuracy_or_by_dev_loss(tmp_path, monkeypatch):
     sel = convergence.select(cfg)["sst2-lmbff|4|full|mezo"]
     assert sel["hp"]["lr"] == 2 and sel["select_by"] == "loss"
     assert [g["hp"]["lr"] for g in sel["grid"]] == [2, 1, 3] and sel["grid"][-1]["unstable"]
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_path, monkeypatch):
+    """A run stopped after its second checkpoint and started again ends with the same records as a run
+    that was never stopped (timings aside), and leaves no checkpoint behind."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import convergence_run as cr
+
+    def cfg(out):
+        return cr.RunConfig(run_id="r", out=str(out), task="sst2-lmbff", k=4, seed=13, mode="lora", optimizer="fzoo",
+                            hp={"lr": 1e-2, "eps": 1e-3, "n_directions": 3}, budget=24, eval_every=8, batch_size=4,
+                            model="tiny", test_limit=8, max_length=64, eval_batch_size=8, threads=1)
+
+    whole = cfg(tmp_path / "whole.jsonl")
+    cr.execute(whole)
+    stopped = cfg(tmp_path / "stopped.jsonl")
+    save, saves = cr.save_run_checkpoint, []
+
+    def save_then_stop(*a, **kw):
+        save(*a, **kw)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the session ends here
+    monkeypatch.setattr(cr, "save_run_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        cr.execute(stopped)
+    assert cr.checkpoint_path(stopped).is_file() and not Path(stopped.out).exists()
+    # records written after the checkpoint (none here: it is saved right after its eval) would be dropped
+    with open(stopped.out + ".partial", "a") as f:
+        f.write(json.dumps({"type": "step", "step": 99}) + "\n")
+    monkeypatch.setattr(cr, "save_run_checkpoint", save)
+    cr.execute(stopped)
+    assert not cr.checkpoint_path(stopped).exists()
+
+    def comparable(path):
+        drop = {"elapsed_s", "train_s", "eval_s", "s_per_step", "total_s", "resumed", "started", "out"}
+        return [{k: v for k, v in r.items() if k not in drop} for r in _records(Path(path))]
+
+    assert comparable(stopped.out) == comparable(whole.out)
+    assert _records(Path(stopped.out))[-1]["resumed"] is True
