@@ -1,6 +1,6 @@
 """zo_scale: zeroth-order fine-tuning (HELENE, MeZO, HiZOO) on plain, FSDP2 and DeepSpeed ZeRO-3 models."""
 
-from zo_scale.optim import HELENE, MeZO, HiZOO, NonFiniteLossError, StepStats, ZOOptimizer
+from zo_scale.optim import HELENE, HiZOO, HiZOOL, MeZO, NonFiniteLossError, StepStats, ZOOptimizer
 
 __version__ = "0.1.0"
-__all__ = ["HELENE", "HiZOO", "MeZO", "NonFiniteLossError", "StepStats", "ZOOptimizer", "__version__"]
+__all__ = ["HELENE", "HiZOO", "HiZOOL", "MeZO", "NonFiniteLossError", "StepStats", "ZOOptimizer", "__version__"]
