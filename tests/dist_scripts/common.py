@@ -25,6 +25,8 @@ OPT_HPARAMS = {
     "MeZO": dict(lr=2e-3, eps=1e-3, weight_decay=0.01),
     "HiZOO": dict(lr=2e-3, eps=1e-3, hessian_smooth=1e-6),
     "HELENE": dict(lr=2e-3, eps=1e-3, anneal_horizon=4.0, clip_lambda=0.5),
+    # not in OPTIMIZERS (its own launches: test_hizoo_l_sharded.py); α large so the factors move
+    "HiZOOL": dict(lr=2e-3, eps=1e-3, hessian_smooth=1e-3),
 }
 
 
@@ -117,9 +119,9 @@ def make_closure(model, rank: int, world: int, per_sequence: bool = True):
 
 
 def make_optimizer(name: str, model, **overrides):
-    from zo_scale.optim import HELENE, HiZOO, MeZO
+    from zo_scale.optim import HELENE, HiZOO, HiZOOL, MeZO
 
-    cls = {"MeZO": MeZO, "HiZOO": HiZOO, "HELENE": HELENE}[name]
+    cls = {"MeZO": MeZO, "HiZOO": HiZOO, "HELENE": HELENE, "HiZOOL": HiZOOL}[name]
     kw = dict(OPT_HPARAMS[name], seed=7)
     kw.update(overrides)
     return cls(model, **kw)
