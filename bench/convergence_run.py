@@ -206,7 +206,7 @@ class RunConfig:
     objective: str = "answer"  # answer: cross-entropy of the answer tokens (MeZO) | candidates: among the candidates
 
 
-OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE"}
+OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE", "hizoo-l": "HiZOOL"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -218,7 +218,7 @@ def make_optimizer(name: str, model, hp: dict, seed: int):
 
 
 def forwards_per_step(opt) -> int:
-    return 3 if type(opt).__name__ == "HiZOO" else 2 * opt.n_samples
+    return 3 if opt.probes_loss_zero else 2 * opt.n_samples  # HiZOO, HiZOO-L: ℓ₀ as well
 
 
 def fixed_subset(examples, limit: int):
