@@ -8,8 +8,9 @@ HiZOO-L keeps, for a parameter seen as an m×n matrix, a row vector R (m) and a 
     S    = H⊙z²  with the current H                        (the per-element part of HiZOO's estimate)
     R ← (1−α)·R + α·|ℓ₊+ℓ₋−2ℓ₀|/(2ε²)·rowsum(S)            C likewise with colsum(S)
     θ ← θ − lr·pg·z/√H  with H rebuilt from the updated R, C.
-Since ΣR = ΣC stays the total of H and rowsum(R·Cᵀ/ΣR) = R, this is exactly HiZOO's H update
-projected onto its row and column sums (Adafactor's factorisation of the new H). Tensors that are
+Since ΣR = ΣC stays the total of H and rowsum(R·Cᵀ/ΣR) = R, this is (with no ``hessian_floor``)
+exactly HiZOO's H update projected onto its row and column sums (Adafactor's factorisation of
+the new H). Tensors that are
 not factored (1-D: biases, norms; or smaller than ``factored_min_dim``) keep HiZOO's full H.
 
 On shards. Every rank keeps R and C whole (m + n numbers, replicated; checkpointed once per rank
