@@ -161,6 +161,10 @@ PRESETS = {
     ),
 }
 
+# HiZOO-L runs on request (--optimizers ...,hizoo-l --grid hizoo-l:lr=...:eps=...), not in the presets' grids
+for _preset in PRESETS.values():
+    _preset["optimizers"] = [o for o in _preset["optimizers"] if o != "hizoo-l"]
+
 
 # ----------------------------------------------------------------------------------------------- CLI
 

@@ -206,7 +206,7 @@ class RunConfig:
     objective: str = "answer"  # answer: cross-entropy of the answer tokens (MeZO) | candidates: among the candidates
 
 
-OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE", "fzoo": "FZOO"}
+OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE", "fzoo": "FZOO", "hizoo-l": "HiZOOL"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -218,13 +218,10 @@ def make_optimizer(name: str, model, hp: dict, seed: int):
 
 
 def forwards_per_step(opt) -> int:
-    """HiZOO: ℓ₀, ℓ₊, ℓ₋; FZOO: ℓ₀ and N one-sided probes; MeZO/HELENE: ℓ₊, ℓ₋ per sample."""
-    name = type(opt).__name__
-    if name == "HiZOO":
-        return 3
-    if name == "FZOO":
+    """HiZOO and HiZOO-L: ℓ₀, ℓ₊, ℓ₋; FZOO: ℓ₀ and N one-sided probes; MeZO/HELENE: ℓ₊, ℓ₋ per sample."""
+    if type(opt).__name__ == "FZOO":
         return opt.n_samples + 1
-    return 2 * opt.n_samples
+    return 3 if opt.probes_loss_zero else 2 * opt.n_samples
 
 
 def fixed_subset(examples, limit: int):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = {"helene": "HELENE", "mezo": "MeZO", "hizoo": "HiZOO", "fzoo": "FZOO"}
+OPTIMIZERS = {"helene": "HELENE", "mezo": "MeZO", "hizoo": "HiZOO", "fzoo": "FZOO", "hizoo-l": "HiZOOL"}
 BACKENDS = ("none", "fsdp2", "deepspeed")
 PEFT_METHODS = ("lora", "prefix")
 # Optimizer arguments the trainer sets itself.

@@ -23,6 +23,7 @@ GIB = 1 << 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
 STATE_TENSORS = {"mezo": 0, "hizoo": 1, "helene": 2, "fzoo": 0}  # per-coordinate tensors each optimizer keeps
+STATE_TENSORS["hizoo-l"] = 0  # a full H for vectors only; R, C per matrix: see factored_state_numbers
 BACKENDS = ("zero3", "fsdp2", "replicated")
 BACKEND_ALIASES = {"deepspeed": "zero3", "zero-3": "zero3", "ds": "zero3", "fsdp": "fsdp2", "ddp": "replicated",
                    "single": "replicated", "none": "replicated"}
@@ -87,6 +88,32 @@ class ModelShape:
 
     def param_count(self) -> int:
         return self.layers * self.layer_params() + sum(self.outer_modules())
+
+    def matrices(self) -> tuple[list[tuple[int, int]], int]:
+        """The (rows, cols) of every weight matrix, and the number of elements in 1-D tensors."""
+        h, f, v = self.hidden, self.ffn, self.vocab
+        kv = (self.kv_heads or self.heads) * self.head_dim
+        if self.family == "opt":
+            layer, layer_vec = [(h, h)] * 4 + [(f, h), (h, f)], 4 * h + f + h + 4 * h
+            p = self.proj_dim or h
+            outer, outer_vec = [(v, p), (self.max_positions + 2, h)], 0
+            if p != h:
+                outer += [(h, p), (p, h)]
+            else:
+                outer_vec = 2 * h
+        else:
+            layer, layer_vec = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)], 2 * h
+            outer, outer_vec = [(v, h)], h
+        if not self.tied_embeddings:
+            outer.append((v, h))
+        return layer * self.layers + outer, layer_vec * self.layers + outer_vec
+
+
+def factored_state_numbers(shape: ModelShape) -> tuple[int, int, int]:
+    """HiZOO-L's state: (Σ(m + n) over matrices — its R, C, replicated on every rank; elements of
+    1-D tensors — a full H, sharded; elements of the matrices)."""
+    mats, vec = shape.matrices()
+    return sum(m + n for m, n in mats), vec, sum(m * n for m, n in mats)
 
 
 def _opt(name, h, layers, heads, ffn, proj=0):
@@ -200,6 +227,8 @@ class Plan:
 
     def report(self) -> str:
         state = f"{STATE_TENSORS[self.optimizer]}×{self.state_dtype} state" if STATE_TENSORS[self.optimizer] else "no state"
+        if self.optimizer == "hizoo-l":
+            state = "factored H: fp32 R, C per matrix + full H of vectors"
         lines = [
             f"zo_scale memory plan: {self.model} ({self.params / 1e9:.2f} B params), {self.dtype} weights, "
             f"{self.backend} on {self.gpus} GPU{'s' if self.gpus > 1 else ''}",
@@ -278,6 +307,11 @@ def plan(
     p.parts["gathered parameters"] = _gathered(shape, backend, gpus, wb, prefetch_bucket, persistence_threshold, p.notes)
     p.parts["forward peak (activations)"] = _forward_peak(shape, batch, seq, wb, attention, p.notes)
     p.parts[f"optimizer state ({state_dtype})"] = STATE_TENSORS[optimizer] * shard * sb
+    if optimizer == "hizoo-l":  # fp32 R, C replicated; vectors' H sharded; the step's fp64 sums of R, C
+        factors, vectors, _ = factored_state_numbers(shape)
+        vec_shard = -(-vectors // gpus) if backend != "replicated" else vectors
+        p.parts[f"optimizer state ({state_dtype})"] = 4 * factors + sb * vec_shard
+        p.parts["factor sums (fp64, per step)"] = 8 * factors
     p.parts["fp32 master shard"] = 4 * shard if master else 0
     p.parts["z chunk (fp32)"] = 4 * min(chunk, shard)
     p.parts["runtime reserve"] = int(reserve_gib * GIB)
@@ -383,7 +417,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help=f"{', '.join(MODELS)} or a transformers config.json")
     ap.add_argument("--gpus", type=int, help="GPUs sharing the model (default 1)")
     ap.add_argument("--dtype", help="weight dtype: bf16 (default), fp16, fp32")
-    ap.add_argument("--optimizer", help="helene (default), hizoo, mezo, fzoo")
+    ap.add_argument("--optimizer", help="helene (default), hizoo, hizoo-l, mezo, fzoo")
     ap.add_argument("--batch", type=int, help="micro-batch per GPU (default 16)")
     ap.add_argument("--seq", type=int, help="sequence length (default 256)")
     ap.add_argument("--backend", help="zero3 (default), fsdp2, replicated")

@@ -3,6 +3,7 @@ single-process reference). Usage:
 
     torchrun --nproc_per_node W tests/dist_scripts/zo_worker.py --out DIR --checks a,b,... [--ckpt DIR]
     python tests/dist_scripts/zo_worker.py --out DIR --checks ref
+    ... --optimizers HiZOOL     the optimizer loops over these instead of common.OPTIMIZERS
 
 Rank 0 writes ``DIR/results_w{W}.pt``: a dict check-key -> record. Any exception ends the rank at
 once (its peers then fail their next collective within the gloo timeout), so a broken check
@@ -160,9 +161,20 @@ def run_steps(opt, closure, n, before_step=None):
     return recs
 
 
+def _factors(opt):
+    """HiZOOL's R and C (whole on every rank), or None for the other optimizers."""
+    if not hasattr(opt, "factors"):
+        return None
+    return {k: {s: f[s].clone() for s in ("rows", "cols")} for k, f in opt.factors.items()}
+
+
 class Runner:
-    def __init__(self, rank, world, out: Path, ckpt: Path | None):
+    def __init__(self, rank, world, out: Path, ckpt: Path | None, optimizers=common.OPTIMIZERS):
         self.rank, self.world, self.out, self.ckpt = rank, world, out, ckpt
+        self.optimizers = tuple(optimizers)
+        default = self.optimizers == common.OPTIMIZERS
+        self.bf16_optimizers = ("MeZO", "HELENE") if default else self.optimizers
+        self.reload_optimizer = "HiZOO" if default else self.optimizers[0]
         self.results = {}
         self.timings = {}
         self._counter = None
@@ -187,27 +199,37 @@ class Runner:
             def before():
                 for layer in model.layers():
                     layer.unshard(async_op=True)
-        recs = run_steps(opt, self.closure(model, per_sequence), n, before)
-        return model, opt, {"losses": recs, "params": common.full_params(model), "opened": opened}
+        closure = self.closure(model, per_sequence)
+        recs = run_steps(opt, closure, 1, before)
+        first = _factors(opt)
+        recs += run_steps(opt, closure, n - 1, before)
+        rec = {"losses": recs, "params": common.full_params(model), "opened": opened}
+        if first is not None:  # HiZOOL: R, C are whole (and identical) on every rank
+            rec.update(factors_first=first, factors=_factors(opt))
+        return model, opt, rec
 
     # ---------------------------------------------------------------- checks
 
     def check_ref(self):
         for arch in common.ARCHS:
-            for name in common.OPTIMIZERS:
+            for name in self.optimizers:
                 model = build("plain", arch)
                 opt = common.make_optimizer(name, model)
                 closure = self.closure(model)
-                recs = run_steps(opt, closure, common.RESUME_AT)
+                recs = run_steps(opt, closure, 1)
+                first = _factors(opt)
+                recs += run_steps(opt, closure, common.RESUME_AT - 1)
                 mid = common.full_params(model)
                 recs += run_steps(opt, closure, common.K_STEPS - common.RESUME_AT)
-                self.put(("traj", name, arch, "plain"), {"losses": recs, "params": common.full_params(model),
-                                                         "mid_params": mid})
+                rec = {"losses": recs, "params": common.full_params(model), "mid_params": mid}
+                if first is not None:
+                    rec.update(factors_first=first, factors=_factors(opt))
+                self.put(("traj", name, arch, "plain"), rec)
 
     def check_traj(self):
         for backend in ("fsdp2", "fsdp2k", "fsdp2p", "zero3", "zero3d", "hsdp", "hsdpr", "ddp"):
             for arch in common.ARCHS:
-                for name in common.OPTIMIZERS:
+                for name in self.optimizers:
                     _, _, rec = self.trajectory(backend, arch, name)
                     self.put(("traj", name, arch, backend), rec)
 
@@ -216,7 +238,7 @@ class Runner:
         world sizes (matmul shapes change), which is what real runs see."""
         backends = ("plain",) if self.world == 1 else ("fsdp2", "zero3")
         for backend in backends:
-            for name in common.OPTIMIZERS:
+            for name in self.optimizers:
                 _, _, rec = self.trajectory(backend, "llama", name, per_sequence=False)
                 self.put(("batched", name, "llama", backend), rec)
 
@@ -271,7 +293,7 @@ class Runner:
         counter = self._counter or CollectiveCounter()
         self._counter = counter
         for backend in ("fsdp2", "zero3d", "zero3"):
-            for name in common.OPTIMIZERS:
+            for name in self.optimizers:
                 model = build(backend, "llama")
                 opt = common.make_optimizer(name, model)
                 closure = self.closure(model)
@@ -298,7 +320,7 @@ class Runner:
 
     def check_bf16(self):
         for backend in ("fsdp2", "zero3d", "zero3"):
-            for name in ("MeZO", "HELENE"):
+            for name in self.bf16_optimizers:
                 model = build(backend, "opt", dtype=torch.bfloat16)
                 opt = common.make_optimizer(name, model)
                 closure = self.closure(model)
@@ -335,7 +357,7 @@ class Runner:
         copies (ZeRO-3 persistent parameters, the FSDP2 root)."""
         for backend in ("zero3d", "fsdp2"):
             model = build(backend, "opt", dtype=torch.bfloat16)
-            opt = common.make_optimizer("HiZOO", model)
+            opt = common.make_optimizer(self.reload_optimizer, model)
             closure = self.closure(model)
             run_steps(opt, closure, 2)
             sd = opt.state_dict()
@@ -351,7 +373,7 @@ class Runner:
         from zo_scale.checkpoint import save_optimizer_state
 
         for backend in ("fsdp2", "zero3"):
-            for name in common.OPTIMIZERS:
+            for name in self.optimizers:
                 d = self.ckpt / f"{name}-{backend}"
                 _, opt, rec = self.trajectory(backend, "llama", name, n=common.RESUME_AT)
                 save_optimizer_state(opt, d)
@@ -362,7 +384,7 @@ class Runner:
 
     def check_ckpt_load(self):
         for src, dst in (("fsdp2", "zero3"), ("zero3", "fsdp2"), ("fsdp2", "fsdp2")):
-            for name in common.OPTIMIZERS:
+            for name in self.optimizers:
                 d = self.ckpt / f"{name}-{src}"
                 weights = torch.load(d / "model.pt")
                 _, opt, rec = self.trajectory(dst, "llama", name, n=common.K_STEPS - common.RESUME_AT,
@@ -429,6 +451,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--checks", required=True)
     ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--optimizers", default=",".join(common.OPTIMIZERS))
     args = ap.parse_args()
     out = Path(args.out)
     with exit_on_error():
@@ -436,7 +459,7 @@ def main():
         rank, world = info.rank, info.world_size
         if world > 1:
             common.import_deepspeed()  # after the group exists: DeepSpeed adopts it
-        runner = Runner(rank, world, out, Path(args.ckpt) if args.ckpt else None)
+        runner = Runner(rank, world, out, Path(args.ckpt) if args.ckpt else None, args.optimizers.split(","))
         checks = args.checks.split(",")
         checks.sort(key=lambda c: c != "fused")  # fused first: it sets TRITON_INTERPRET before triton loads
         for check in checks:

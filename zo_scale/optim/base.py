@@ -126,12 +126,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             if master_weights:
                 st["master"] = v.local.detach().to(torch.float32).clone()
             for sname in self.state_names:
-                st[sname] = self._init_state(sname, v)
+                t = self._init_state(sname, v)
+                if t is not None:  # None: this view keeps that state in another form (HiZOO-L's factors)
+                    st[sname] = t
             self.shard_state[v.name] = st
 
     # ------------------------------------------------------------------ subclass hooks
 
-    def _init_state(self, name: str, view: ShardView) -> torch.Tensor:
+    def _init_state(self, name: str, view: ShardView) -> torch.Tensor | None:
         return torch.zeros(view.numel, dtype=self.state_dtype, device=view.local.device)
 
     def _direction(self, view: ShardView, lo: int, hi: int, z: torch.Tensor) -> torch.Tensor:
@@ -156,6 +158,13 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _extra_stats(self, scalars: dict, clipped: float, total: float) -> dict:
         return {}
+
+    def _step_payload(self) -> torch.Tensor | None:
+        """Extra fp64 numbers to sum over ranks in this step's loss all-reduce (one collective for both)."""
+        return None
+
+    def _take_payload(self, reduced: torch.Tensor) -> None:
+        """The payload of ``_step_payload`` summed over ranks, before ``_before_update``."""
 
     # ------------------------------------------------------------------ z and perturbation
 
@@ -245,11 +254,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         return _as_sum_and_weight(out, self.backend.loss_device())
 
     def _reduce(self, pairs: list[torch.Tensor]) -> list[float]:
-        """Global weighted means of this step's losses: one fp64 all-reduce of a few scalars."""
+        """Global weighted means of this step's losses: one fp64 all-reduce of a few scalars (and of
+        the subclass's payload, if any, in the same call)."""
+        payload = self._step_payload()
+        n_loss = 2 * len(pairs)
+        if payload is not None:
+            pairs = pairs + [payload.to(device=pairs[0].device, dtype=torch.float64)]
         flat = torch.cat(pairs)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             dist.all_reduce(flat, group=self.process_group)
-        vals = flat.view(-1, 2).tolist()
+        if payload is not None:
+            self._take_payload(flat[n_loss:])
+        vals = flat[:n_loss].view(-1, 2).tolist()
         return [s / w if w > 0 else float("nan") for s, w in vals]
 
     @torch.no_grad()

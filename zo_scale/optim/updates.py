@@ -52,6 +52,81 @@ def hizoo_update_(
     theta.addcdiv_(z, hess.sqrt(), value=-lr * proj_grad)
 
 
+# ----------------------------------------------------------------------------- HiZOO-L (factored H)
+#
+# A factored tensor is seen as a row-major matrix with ``ncols`` columns; H ≈ R·Cᵀ/ΣR (Adafactor form).
+# A shard (or chunk of one) is a flat range [start, start + length) of that matrix: it may start and
+# end mid-row (DeepSpeed ZeRO-3), so the helpers cut it into pieces that lie in one row or cover
+# whole rows, and give the same per-element values whatever the cut.
+
+
+def row_segments(start: int, length: int, ncols: int) -> list[tuple[int, int, int, int]]:
+    """Pieces ``(offset, length, row, col)`` of the flat range [start, start + length): a partial
+    first row, a block of whole rows (``col == 0`` and length a multiple of ``ncols``), a partial
+    last row — each present only if non-empty. ``offset`` is relative to ``start``."""
+    end, pos, out = start + length, start, []
+    row, col = divmod(start, ncols)
+    if col and pos < end:
+        stop = min(end, (row + 1) * ncols)
+        out.append((0, stop - pos, row, col))
+        pos = stop
+    whole = (end - pos) // ncols
+    if whole:
+        out.append((pos - start, whole * ncols, pos // ncols, 0))
+        pos += whole * ncols
+    if pos < end:
+        out.append((pos - start, end - pos, pos // ncols, 0))
+    return out
+
+
+def factored_hessian(
+    rows: torch.Tensor, cols: torch.Tensor, inv_total: torch.Tensor, start: int, length: int, *, floor: float = 0.0
+) -> torch.Tensor:
+    """H on the flat range [start, start + length) of the matrix: max(R_i·C_j·(1/ΣR), floor).
+
+    Each element is computed as (R_i·C_j)·inv_total whatever the range, so every shard layout and
+    chunking gives bit-identical values. The result has ``length`` elements (one chunk) and the
+    dtype of the factors."""
+    ncols = cols.numel()
+    out = torch.empty(length, dtype=rows.dtype, device=rows.device)
+    for off, n, r, c in row_segments(start, length, ncols):
+        if c == 0 and n % ncols == 0:
+            k = n // ncols
+            torch.mul(rows[r : r + k, None], cols[None, :], out=out[off : off + n].view(k, ncols))
+        else:
+            torch.mul(rows[r : r + 1], cols[c : c + n], out=out[off : off + n])
+    out.mul_(inv_total)
+    if floor > 0:
+        out.clamp_(min=floor)
+    return out
+
+
+def factored_sums_(row_acc: torch.Tensor, col_acc: torch.Tensor, values: torch.Tensor, start: int) -> None:
+    """Add the row sums and column sums of ``values`` (the flat range [start, start + numel) of the
+    matrix) into ``row_acc`` (m) and ``col_acc`` (n). A partial row adds to one row sum and to part
+    of the column sums; the shards' partial sums, summed over ranks, are the full sums."""
+    ncols = col_acc.numel()
+    for off, n, r, c in row_segments(start, values.numel(), ncols):
+        piece = values[off : off + n]
+        if c == 0 and n % ncols == 0:
+            block = piece.view(-1, ncols)
+            row_acc[r : r + block.shape[0]] += block.sum(1)
+            col_acc += block.sum(0)
+        else:
+            row_acc[r : r + 1] += piece.sum()
+            col_acc[c : c + n] += piece
+
+
+def factored_ema(
+    factor: torch.Tensor, sums: torch.Tensor, *, alpha: float, curvature: float, eps: float
+) -> torch.Tensor:
+    """A factor's HiZOO update: F ← (1−α)·F + α·|ℓ₊+ℓ₋−2ℓ₀|/(2ε²)·sums, where ``sums`` are the row
+    (or column) sums of H⊙z² over the whole matrix. Done in fp64 (the vectors are short; (1−α) with
+    the official α = 1e-8 is 1 in fp32), returned in the factor's dtype as a new tensor."""
+    gain = alpha * curvature / (2.0 * eps * eps)
+    return (factor.double() * (1.0 - alpha) + sums.double() * gain).to(factor.dtype)
+
+
 # ----------------------------------------------------------------------------- HELENE
 
 

@@ -1,0 +1,260 @@
+"""HiZOO-L: HiZOO with its Hessian kept in Adafactor-like low-rank form (Zhao et al., 2025, the
+memory-lean variant; no public code — reconstructed here, every choice below documented).
+
+HiZOO keeps a full diagonal H (init 1), perturbs along z/√H and updates
+    H ← (1−α)·H + α·|ℓ₊+ℓ₋−2ℓ₀|·H⊙z²/(2ε²),   θ ← θ − lr·pg·z/√H   (the updated H).
+HiZOO-L keeps, for a parameter seen as an m×n matrix, a row vector R (m) and a column vector C (n):
+    H_ij = R_i·C_j / ΣR                                   (Adafactor's V ≈ R·Cᵀ/(1ᵀR); init R = n, C = m: H = 1)
+    S    = H⊙z²  with the current H                        (the per-element part of HiZOO's estimate)
+    R ← (1−α)·R + α·|ℓ₊+ℓ₋−2ℓ₀|/(2ε²)·rowsum(S)            C likewise with colsum(S)
+    θ ← θ − lr·pg·z/√H  with H rebuilt from the updated R, C.
+Since ΣR = ΣC stays the total of H and rowsum(R·Cᵀ/ΣR) = R, this is (with no ``hessian_floor``)
+exactly HiZOO's H update projected onto its row and column sums (Adafactor's factorisation of
+the new H). Tensors that are
+not factored (1-D: biases, norms; or smaller than ``factored_min_dim``) keep HiZOO's full H.
+
+On shards. Every rank keeps R and C whole (m + n numbers, replicated; checkpointed once per rank
+and loadable on any world size). A rank's shard is a flat range of the row-major matrix —
+FSDP2 holds whole rows, a ZeRO-3 partition may start and end mid-row — so during the +εd pass it
+adds its partial row sums and partial column sums of S into one fp64 buffer of Σ(m + n) numbers
+for all factored tensors; that buffer rides in the step's loss all-reduce (SUM), which completes
+the sums: still ONE all-reduce per step, 48 B + 8·Σ(m + n) B (a replicated tensor — DDP, HSDP
+replicas, FSDP2's unsharded parameters — is counted once: its sums are divided by its replication
+degree, measured once at construction). Nothing is gathered. H is rebuilt chunk by chunk from R, C
+(``updates.factored_hessian``), so no full-size H exists, not even per shard.
+
+Torch path only: ``_uses_kernels`` is False (the fused Triton kernels read a stored H; on CUDA this
+optimizer runs the chunked torch ops — a few more passes over each chunk than HiZOO's kernel).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from zo_scale.optim.base import FULL_PRECISION
+from zo_scale.optim.hizoo import HiZOO
+from zo_scale.optim.updates import factored_ema, factored_hessian, factored_sums_, hizoo_update_
+
+
+def factored_shape(global_shape, min_dim: int = 2) -> tuple[int, int] | None:
+    """(rows, cols) of the matrix a tensor is factored as — dim 0 against the rest (out × fan-in
+    for linear, embedding and conv weights; FSDP2's Shard(0) then holds whole rows) — or None for
+    a tensor that keeps a full H: fewer than 2 dims, or a matrix side below ``min_dim``."""
+    shape = tuple(global_shape)
+    if len(shape) < 2:
+        return None
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    if rows < min_dim or cols < min_dim:
+        return None
+    return rows, cols
+
+
+class HiZOOL(HiZOO):
+    """HiZOO with a factored (rank-1, Adafactor-style) Hessian per matrix.
+
+    Options (defaults in brackets), besides HiZOO's ``hessian_smooth`` α [1e-8], ``alpha_schedule``
+    ['constant'], ``total_steps``, ``decay_1d`` [False]:
+      factored_min_dim [2]   a tensor with ≥ 2 dims is factored as (shape[0], numel/shape[0]) when
+                             both sides are ≥ this; others keep HiZOO's full H. A side of 1 would be
+                             exact anyway (R·Cᵀ/ΣR = C), so 2 factors every real matrix; a huge value
+                             gives HiZOO exactly (a test checks it).
+      hessian_floor [0.0]    H ≥ floor: applied to the full H as in HiZOO and, for a factored tensor,
+                             to each element of R·Cᵀ/ΣR where it is used (direction, estimate, step);
+                             R and C themselves are not clamped.
+      state_dtype [fp32]     dtype of the full H of unfactored tensors. R and C are kept in fp64 if
+                             state_dtype is fp64, else fp32 (they are m + n numbers; bf16 would only
+                             lose their resolution), and their update is computed in fp64.
+    Probes and forwards as HiZOO (3 per step, n_samples = 1).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        lr: float,
+        eps: float = 1e-3,
+        hessian_smooth: float = 1e-8,
+        alpha_schedule: str = "constant",
+        total_steps: int | None = None,
+        hessian_floor: float = 0.0,
+        decay_1d: bool = False,
+        factored_min_dim: int = 2,
+        **kwargs,
+    ):
+        if isinstance(factored_min_dim, bool) or not isinstance(factored_min_dim, int) or factored_min_dim < 1:
+            raise ValueError(f"zo_scale: HiZOOL factored_min_dim must be an integer >= 1, got {factored_min_dim!r}")
+        self._factored_min_dim = factored_min_dim  # needed by _init_state, called from the base constructor
+        super().__init__(
+            model, lr=lr, eps=eps, hessian_smooth=hessian_smooth, alpha_schedule=alpha_schedule,
+            total_steps=total_steps, hessian_floor=hessian_floor, decay_1d=decay_1d,
+            factored_min_dim=factored_min_dim, **kwargs,
+        )
+        fdtype = self.state_dtype if self.state_dtype in FULL_PRECISION else torch.float32
+        # R, C per factored tensor (replicated), and the layout of the step's fp64 sum buffer
+        self.factors: dict[str, dict[str, torch.Tensor]] = {}
+        self._layout: dict[str, tuple[int, int, int]] = {}  # name -> (offset, rows, cols)
+        offset = 0
+        for v in self.views:
+            mn = factored_shape(v.global_shape, factored_min_dim)
+            if mn is None:
+                continue
+            m, n = mn
+            dev = v.local.device
+            self.factors[v.name] = self._with_inverse(
+                {"rows": torch.full((m,), float(n), dtype=fdtype, device=dev),
+                 "cols": torch.full((n,), float(m), dtype=fdtype, device=dev)}
+            )
+            self._layout[v.name] = (offset, m, n)
+            offset += m + n
+        self._payload_numel = offset
+        self._degree = self._replication_degrees()
+        self._sums: torch.Tensor | None = None  # this step's partial sums (filled during the +εd pass)
+        self._reduced: torch.Tensor | None = None
+        self._next: dict[str, dict[str, torch.Tensor]] | None = None  # factors after this step's update
+        self._collecting = False
+
+    # ------------------------------------------------------------------ layout
+
+    def _is_factored(self, view) -> bool:
+        return factored_shape(view.global_shape, self._factored_min_dim) is not None
+
+    def _init_state(self, name, view):
+        if self._is_factored(view):
+            return None  # kept as R, C in self.factors
+        return super()._init_state(name, view)
+
+    @staticmethod
+    def _with_inverse(f: dict) -> dict:
+        f["inv"] = 1.0 / f["rows"].double().sum().to(f["rows"].dtype)  # 0-d tensor: no host sync
+        return f
+
+    def _replication_degrees(self) -> dict[str, float]:
+        """How many ranks hold each element of each factored tensor (1 when sharded, W when
+        replicated), from one all-reduce of the local element counts at construction."""
+        names = list(self._layout)
+        if not names or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.process_group) == 1:
+            return {n: 1.0 for n in names}
+        by_name = {v.name: v for v in self.views}
+        counts = torch.tensor([float(by_name[n].numel) for n in names], dtype=torch.float64,
+                              device=self.backend.loss_device())
+        dist.all_reduce(counts, group=self.process_group)
+        out = {}
+        for n, total in zip(names, counts.tolist()):
+            degree = total / by_name[n].global_numel
+            if degree < 1 or degree != round(degree):
+                raise RuntimeError(f"zo_scale: HiZOOL: the shards of {n} cover {total:g} of {by_name[n].global_numel} "
+                                   "elements over the process group (neither sharded nor replicated)")
+            out[n] = float(degree)
+        return out
+
+    def _uses_kernels(self, view) -> bool:
+        return False  # torch path only (see the module docstring)
+
+    # ------------------------------------------------------------------ H of a chunk
+
+    def _hessian_chunk(self, view, lo: int, hi: int, factors: dict) -> torch.Tensor:
+        f = factors[view.name]
+        return factored_hessian(f["rows"], f["cols"], f["inv"], view.start + lo, hi - lo,
+                                floor=self.param_groups[0]["hessian_floor"])
+
+    def _direction(self, view, lo, hi, z):
+        if view.name not in self.factors:
+            return super()._direction(view, lo, hi, z)
+        hess = self._hessian_chunk(view, lo, hi, self.factors)
+        z = z.to(hess.dtype)
+        if self._collecting:  # the +εd pass: this rank's partial row / column sums of H⊙z²
+            off, m, n = self._layout[view.name]
+            factored_sums_(self._sums[off : off + m], self._sums[off + m : off + m + n], hess * z.square(),
+                           view.start + lo)
+        return z / hess.sqrt()
+
+    def _move_to(self, offset: int, sample: int) -> None:
+        # the first move of a step (θ → θ + εd) regenerates z once anyway: collect the sums there
+        self._collecting = offset == 1 and self._offset == 0 and self._payload_numel > 0
+        if self._collecting:
+            device = next(iter(self.factors.values()))["rows"].device
+            self._sums = torch.zeros(self._payload_numel, dtype=torch.float64, device=device)
+        try:
+            super()._move_to(offset, sample)
+        finally:
+            self._collecting = False
+
+    # ------------------------------------------------------------------ the step
+
+    def _step_payload(self):
+        if self._payload_numel == 0:
+            return None
+        sums, self._sums = self._sums, None
+        if sums is None:
+            raise RuntimeError("zo_scale: HiZOOL step without its +εd pass")
+        return sums
+
+    def _take_payload(self, reduced):
+        self._reduced = reduced
+
+    def _before_update(self, losses):
+        scalars = super()._before_update(losses)
+        reduced, self._reduced = self._reduced, None
+        eps = self.param_groups[0]["eps"]
+        nxt = {}
+        for name, (off, m, n) in self._layout.items():
+            f, degree = self.factors[name], self._degree[name]
+            row_sums, col_sums = reduced[off : off + m], reduced[off + m : off + m + n]
+            if degree != 1.0:
+                row_sums, col_sums = row_sums / degree, col_sums / degree
+            kw = dict(alpha=scalars["alpha"], curvature=scalars["curvature"], eps=eps)
+            nxt[name] = self._with_inverse(
+                {"rows": factored_ema(f["rows"], row_sums.to(f["rows"].device), **kw),
+                 "cols": factored_ema(f["cols"], col_sums.to(f["cols"].device), **kw)}
+            )
+        self._next = nxt
+        return scalars
+
+    def _update_chunk(self, view, lo, hi, theta, zs, pgs, scalars):
+        if view.name not in self.factors:
+            return super()._update_chunk(view, lo, hi, theta, zs, pgs, scalars)
+        group = self.param_groups[0]
+        hess = self._hessian_chunk(view, lo, hi, self._next)  # the updated H, as HiZOO steps with
+        wd = group["weight_decay"] if self._decays(view) else 0.0
+        hizoo_update_(theta, zs[0].to(theta.dtype), hess, lr=group["lr"], proj_grad=pgs[0], weight_decay=wd)
+
+    def _restore_and_update(self, pgs, scalars):
+        out = super()._restore_and_update(pgs, scalars)  # restores along the old H, steps with the new
+        self.factors, self._next = self._next, None
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """The base state (full H of unfactored tensors, master, by global range) plus every
+        factored tensor's R and C — whole and identical on every rank, so any rank's file serves
+        any world size."""
+        sd = super().state_dict()
+        sd["factors"] = {
+            name: {"shape": [m, n], "rows": self.factors[name]["rows"].detach().clone(),
+                   "cols": self.factors[name]["cols"].detach().clone()}
+            for name, (_, m, n) in self._layout.items()
+        }
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        pieces = state_dict if isinstance(state_dict, (list, tuple)) else [state_dict]
+        saved = pieces[0].get("factors")
+        if saved is None:
+            raise ValueError("zo_scale: HiZOOL state without factors")
+        if set(saved) != set(self._layout):
+            raise ValueError(f"zo_scale: the checkpoint factors {sorted(saved)} but this HiZOOL factors "
+                             f"{sorted(self._layout)} (another factored_min_dim?)")
+        for name, (_, m, n) in self._layout.items():
+            if list(saved[name]["shape"]) != [m, n]:
+                raise ValueError(f"zo_scale: {name} is factored as {m}x{n} here, {saved[name]['shape']} in the checkpoint")
+        super().load_state_dict(state_dict)
+        for name, f in self.factors.items():
+            f["rows"].copy_(saved[name]["rows"])
+            f["cols"].copy_(saved[name]["cols"])
+            self._with_inverse(f)
+        self._sums = self._reduced = self._next = None
