@@ -311,12 +311,8 @@ def test_state_dict_round_trip_continues_bitwise(cls, kw, dtype):
     assert opt2.forward_passes == opt.forward_passes
 
 
-def test_load_state_dict_assembles_ranges_from_pieces():
-    model, (x, y) = TinyNet(torch.float32), batch(torch.float32)
-    opt = zo_scale.HELENE(model, lr=0.01, seed=SEED)
-    run_steps(opt, model, 2, x, y)
-    full = opt.state_dict()
-    # split every tensor's state into two "ranks" at an uneven point
+def split_into_two_ranks(full: dict) -> list[dict]:
+    """A one-process state dict as two "ranks" would save it: every tensor's state cut at an uneven point."""
     pieces = [copy.deepcopy(full), copy.deepcopy(full)]
     for name, entry in full["shards"].items():
         cut = entry["end"] // 3
@@ -324,6 +320,15 @@ def test_load_state_dict_assembles_ranges_from_pieces():
             e = pieces[k]["shards"][name]
             e["start"], e["end"] = lo, hi
             e["tensors"] = {s: t[lo:hi].clone() for s, t in entry["tensors"].items()}
+    return pieces
+
+
+def test_load_state_dict_assembles_ranges_from_pieces():
+    model, (x, y) = TinyNet(torch.float32), batch(torch.float32)
+    opt = zo_scale.HELENE(model, lr=0.01, seed=SEED)
+    run_steps(opt, model, 2, x, y)
+    full = opt.state_dict()
+    pieces = split_into_two_ranks(full)
     opt2 = zo_scale.HELENE(copy.deepcopy(model), lr=0.01, seed=SEED)
     opt2.load_state_dict(pieces)
     for name, st in opt.shard_state.items():

@@ -17,6 +17,8 @@ from zo_scale import rng
 from zo_scale.optim.hizoo_l import factored_shape
 from zo_scale.optim.updates import factored_hessian, factored_sums_, row_segments
 
+from test_core_optim import split_into_two_ranks  # noqa: E402
+
 SEED, EPS = 7, 1e-3
 
 
@@ -263,13 +265,7 @@ def test_load_from_pieces_of_another_layout():
     opt = zo_scale.HiZOOL(model, lr=0.01, seed=SEED, hessian_smooth=1e-2)
     run_steps(opt, model, 2, x, y)
     full = opt.state_dict()
-    pieces = [copy.deepcopy(full), copy.deepcopy(full)]
-    for name, entry in full["shards"].items():
-        cut = entry["end"] // 3
-        for k, (lo, hi) in enumerate([(0, cut), (cut, entry["end"])]):
-            e = pieces[k]["shards"][name]
-            e["start"], e["end"] = lo, hi
-            e["tensors"] = {s: t[lo:hi].clone() for s, t in entry["tensors"].items()}
+    pieces = split_into_two_ranks(full)
     opt2 = zo_scale.HiZOOL(copy.deepcopy(model), lr=0.01, seed=SEED, hessian_smooth=1e-2)
     opt2.load_state_dict(pieces)
     for name, st in opt.shard_state.items():

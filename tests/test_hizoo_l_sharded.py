@@ -21,7 +21,6 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
 import common  # noqa: E402
 
-from conftest import PYTHON, VENV_BIN, free_port, run_multiproc  # noqa: E402
+from dist_scripts import harness  # noqa: E402
 from zo_scale.optim.hizoo_l import factored_shape  # noqa: E402
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 NAME = "HiZOOL"
-WORKER = Path(__file__).resolve().parent / "dist_scripts" / "zo_worker.py"
 LAUNCHES = {1: "ref,batched", 2: "traj,coll,bf16,reload,ckpt_save", 3: "traj,batched,coll,bf16,ckpt_load"}
-TIMEOUT_S = {1: 120, 2: 240, 3: 300}
 BACKENDS = ("fsdp2", "fsdp2k", "fsdp2p", "zero3", "zero3d", "hsdp", "hsdpr", "ddp")
 PARAM_ATOL = 5e-5
 FIRST_FACTOR_RTOL = 1e-6
@@ -73,15 +70,9 @@ def _launch(world: int) -> dict:
         import atexit
 
         atexit.register(shutil.rmtree, _root, True)
-    args = [WORKER, "--out", _root / "out", "--ckpt", _root / "ckpt", "--checks", LAUNCHES[world], "--optimizers", NAME]
-    if world == 1:
-        cmd = [PYTHON, *args]
-    else:
-        cmd = [VENV_BIN / "torchrun", "--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), *args]
-    t0 = time.perf_counter()
-    run_multiproc(cmd, env={"ZO_TEST_DIST_TIMEOUT": "90", "DS_ACCELERATOR": "cpu"}, timeout=TIMEOUT_S[world])
-    print(f"HiZOOL launch w{world}: {time.perf_counter() - t0:.0f} s")
+    took = harness.run_worker(world, ["--out", _root / "out", "--ckpt", _root / "ckpt", "--checks", LAUNCHES[world],
+                                      "--optimizers", NAME])
+    print(f"HiZOOL launch w{world}: {took:.0f} s")
     return torch.load(_root / "out" / f"results_w{world}.pt")
 
 

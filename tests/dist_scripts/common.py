@@ -121,9 +121,9 @@ def make_closure(model, rank: int, world: int, per_sequence: bool = True):
 
 
 def make_optimizer(name: str, model, **overrides):
-    "FZOO": dict(lr=2e-3, eps=1e-3, n_directions=3, weight_decay=0.01),  # 4 forwards a step keeps CI short
-    # not in OPTIMIZERS (its own launches: test_hizoo_l_sharded.py); α large so the factors move
-    "HiZOOL": dict(lr=2e-3, eps=1e-3, hessian_smooth=1e-3),
+    from zo_scale.optim import FZOO, HELENE, HiZOO, HiZOOL, MeZO
+
+    cls = {"MeZO": MeZO, "HiZOO": HiZOO, "HELENE": HELENE, "FZOO": FZOO, "HiZOOL": HiZOOL}[name]
     kw = dict(OPT_HPARAMS[name], seed=7)
     kw.update(overrides)
     return cls(model, **kw)

@@ -62,7 +62,14 @@ def _launch(world: int) -> dict:
         results(2)  # the 3-rank launch resumes the checkpoint the 2-rank launch saved
     root = _workdir()
     out, ckpt = root / "out", root / "ckpt"
-    args = [WORKER, "--out", out, "--ckpt", ckpt, "--checks", LAUNCHES[world]]
+    timings[world] = run_worker(world, ["--out", out, "--ckpt", ckpt, "--checks", LAUNCHES[world]])
+    return torch.load(out / f"results_w{world}.pt")
+
+
+def run_worker(world: int, args: list) -> float:
+    """zo_worker.py on ``world`` ranks (one process, or torchrun on a free port) within its time limit;
+    returns the wall time."""
+    args = [WORKER, *args]
     if world == 1:
         cmd = [PYTHON, *args]
     else:
@@ -70,8 +77,7 @@ def _launch(world: int) -> dict:
                "--master_port", str(free_port()), *args]
     t0 = time.perf_counter()
     run_multiproc(cmd, env={"ZO_TEST_DIST_TIMEOUT": "90", "DS_ACCELERATOR": "cpu"}, timeout=TIMEOUT_S[world])
-    timings[world] = time.perf_counter() - t0
-    return torch.load(out / f"results_w{world}.pt")
+    return time.perf_counter() - t0
 
 
 def reference() -> dict:
