@@ -19,6 +19,7 @@ from zo_scale.distributed import (detect_launcher, discover, expand_nodelist, in
 
 ALLREDUCE = str(HELPERS / "dist_allreduce.py")
 DEAD_PEER = str(HELPERS / "dist_dead_peer.py")
+TEARDOWN = str(HELPERS / "dist_teardown.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +319,30 @@ def test_missing_peer_rendezvous_times_out():
     assert r.returncode != 0 and "Timed out" in r.stderr, r.stderr[-2000:]
     assert time.monotonic() - t0 < 35
 
+
+
+@pytest.mark.multiproc
+def test_teardown_frees_every_group():
+    """Issue #15: a group that outlives destroy_distributed keeps gloo's threads running into interpreter
+    shutdown, where one can abort a finished run. FSDP imported after the group exists used to keep it."""
+    r = run_multiproc([VENV_BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                       "--master_port", str(free_port()), TEARDOWN, "fsdp"], env={"DS_ACCELERATOR": "cpu"}, timeout=180)
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"rank"')]
+    assert len(rows) == 2, r.stdout + r.stderr
+    for row in rows:
+        assert "pt_gloo_runloop" in row["before"] and row["after"] == [], row
+
+
+@pytest.mark.multiproc
+def test_failing_rank_exits_with_its_own_code():
+    """A rank whose body raises ends with exit_on_error's code and traceback, not SIGABRT at teardown."""
+    env = launch_env({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    procs = [subprocess.Popen([PYTHON, TEARDOWN, "raise"], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 5 and f"rank {rank} fails on purpose" in out, out
+        assert "terminate called" not in out, out
 
 def test_run_multiproc_kills_whole_tree_on_timeout(tmp_path):
     pidfile = tmp_path / "child.pid"

@@ -423,12 +423,13 @@ def _free_port() -> int:
 
 
 def _two_rank_worker(rank: int, world: int, port: int, results):
-    import torch.distributed as dist
+    from zo_scale.distributed import process_group
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    # The library's group, not a bare init_process_group: the model below imports torch.distributed.nn,
+    # which would otherwise keep the group (and gloo's threads) alive into shutdown and abort (issue #15).
+    with process_group("gloo", timeout_s=120):
         tokenizer = build_offline_tokenizer()
         model = tiny_llama()
         calls = []
@@ -442,8 +443,6 @@ def _two_rank_worker(rank: int, world: int, port: int, results):
         multirc = get_task("multirc", data_dir=FIXTURES).examples("test")  # 3 questions: 2 on rank 0, 1 on rank 1
         grouped = ev.evaluate(model, tokenizer, multirc, batch_size=2)
         results.put((rank, accuracy, generation, grouped, classification_calls, generation_calls, len(calls)))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.multiproc

@@ -17,6 +17,7 @@ so every mapping is unit-testable without launching anything.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
@@ -314,6 +315,7 @@ def init_distributed(
 
     if backend == "nccl":
         torch.cuda.set_device(info.device)
+    _import_world_default_modules()
     timeout = timedelta(seconds=timeout_s)
     if info.world_size == 1:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -323,6 +325,15 @@ def init_distributed(
         dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size,
                                 timeout=timeout)
     return replace(info, backend=backend)
+
+
+def _import_world_default_modules() -> None:
+    """Import, while no group exists, the modules that bind ``group.WORLD`` as a default argument when
+    first imported: ``torch.distributed.nn.functional`` (pulled in by FSDP, hence transformers). Imported
+    after ``init_process_group`` it holds the group forever, so ``destroy_process_group`` does not free it:
+    gloo's worker threads live on into interpreter shutdown, and one still releasing the last collective's
+    tensors then needs the GIL and aborts the process ("terminate called without an active exception")."""
+    import torch.distributed.nn  # noqa: F401
 
 
 def _export_torch_env(info: DistInfo) -> None:
@@ -337,15 +348,44 @@ def _export_torch_env(info: DistInfo) -> None:
 
 
 def destroy_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Destroy every process group and free it now, while the interpreter is fully alive.
+
+    A group still referenced after ``destroy_process_group`` keeps gloo's worker threads running into
+    interpreter shutdown, where one still releasing a collective's tensors needs the GIL and aborts the
+    process. Besides the caller's own objects (drop sharded models first), the holders freed here are
+    DeepSpeed's group registry and DTensor's sharding cache (its meshes keep their groups). Not freed:
+    a ZeRO-3 engine's parameters, which DeepSpeed itself keeps for the life of the process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()  # also drops DeepSpeed's references to its groups
+    else:
         dist.destroy_process_group()
+    if "torch.distributed.tensor" in sys.modules:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+        _clear_sharding_prop_cache()
+    gc.collect()  # engines and sharded models in reference cycles hold groups until collected
+
+
+@contextmanager
+def process_group(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                  launcher: str | None = None, force_group: bool = False):
+    """:func:`init_distributed` for the block, :func:`destroy_distributed` however it ends."""
+    info = init_distributed(backend, timeout_s, launcher=launcher, force_group=force_group)
+    try:
+        yield info
+    finally:
+        destroy_distributed()
 
 
 @contextmanager
 def exit_on_error(code: int = 1):
     """Run a rank's main body so that an exception prints its traceback and ends the process at
     once: the failing rank's sockets close and its peers' collectives error out, instead of this
-    rank lingering in interpreter shutdown (NCCL/DeepSpeed atexit hooks) while they wait."""
+    rank lingering in interpreter shutdown (NCCL/DeepSpeed atexit hooks) while they wait. Its group
+    is left as it is: no teardown runs, so no library thread can outlive one and abort the process."""
     try:
         yield
     except SystemExit:

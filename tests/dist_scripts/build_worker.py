@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from zo_scale.config import load_config  # noqa: E402
-from zo_scale.distributed import init_distributed  # noqa: E402
+from zo_scale.distributed import process_group  # noqa: E402
 from zo_scale.trainer.build import _tied_parameters, build  # noqa: E402
 
 TEXT = ["It was a wonderful film with a moving story.", "The plot was boring."]
@@ -45,12 +45,13 @@ def main() -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
-    info = init_distributed(force_group=True)
-    for name, (config, *sets) in cases.items():
-        cfg = load_config(config, sets)
-        built = build(cfg, info)
-        full = get_model_state_dict(built.model, options=StateDictOptions(full_state_dict=True))
-        torch.save(snapshot(built, full), out / f"{name}_rank{info.rank}.pt")
+    with process_group(force_group=True) as info:
+        for name, (config, *sets) in cases.items():
+            cfg = load_config(config, sets)
+            built = build(cfg, info)
+            full = get_model_state_dict(built.model, options=StateDictOptions(full_state_dict=True))
+            torch.save(snapshot(built, full), out / f"{name}_rank{info.rank}.pt")
+            del built, full  # they hold the group
 
 
 if __name__ == "__main__":

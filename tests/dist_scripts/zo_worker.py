@@ -46,7 +46,7 @@ common.quiet()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from zo_scale.distributed import exit_on_error, init_distributed  # noqa: E402
+from zo_scale.distributed import destroy_distributed, exit_on_error, init_distributed  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -472,9 +472,10 @@ def main():
             tmp = out / f".results_w{world}.pt.tmp"
             torch.save(runner.results, tmp)
             os.replace(tmp, out / f"results_w{world}.pt")
+        del runner  # its models hold the group
         if world > 1:
             dist.barrier()
-            dist.destroy_process_group()
+        destroy_distributed()
 
 
 if __name__ == "__main__":

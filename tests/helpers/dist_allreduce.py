@@ -11,11 +11,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from zo_scale.distributed import destroy_distributed, exit_on_error, init_distributed, strip_local_rank_arg
+from zo_scale.distributed import exit_on_error, process_group, strip_local_rank_arg
 
-with exit_on_error():
-    args = strip_local_rank_arg(sys.argv[1:])
-    info = init_distributed(timeout_s=60)
+args = strip_local_rank_arg(sys.argv[1:])
+with process_group(timeout_s=60) as info, exit_on_error():
     t = torch.tensor([float(info.rank + 1)])
     dist.all_reduce(t)
     line = json.dumps({
@@ -25,4 +24,3 @@ with exit_on_error():
     })
     # One write per line: ranks share the launcher's pipe and print() may split text and newline.
     os.write(1, (line + "\n").encode())
-    destroy_distributed()

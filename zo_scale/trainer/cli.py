@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """launch/train.py: :func:`main`, then end the process without the interpreter's teardown. Every output
-    is written and closed by then; what teardown adds is the destructors of library threads (gloo,
-    DeepSpeed's CPU communication op), which were seen to abort finished multi-rank runs
-    ("terminate called without an active exception") and so turn a success into a failure."""
+    is written and the group destroyed by then; but DeepSpeed keeps a ZeRO-3 engine's parameters, hence its
+    groups and gloo's threads, for the life of the process, and a gloo thread still finishing a collective
+    during teardown aborts a finished run ("terminate called without an active exception", issue #15)."""
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -108,10 +108,10 @@ def _run(args, info) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     torch.manual_seed(cfg.seed)
-    from zo_scale.distributed import exit_on_error, init_distributed
+    from zo_scale.distributed import exit_on_error, process_group
 
-    with exit_on_error():
-        init_distributed(timeout_s=cfg.distributed.timeout_s, force_group=cfg.backend != "none")
+    # _train's model and optimizer hold the group: it is destroyed once they are gone
+    with process_group(timeout_s=cfg.distributed.timeout_s, force_group=cfg.backend != "none"), exit_on_error():
         return _train(cfg, info, splits, out, resume_from)
 
 
@@ -167,7 +167,6 @@ def _train(cfg, info, splits, out: Path, resume_from) -> int:
         _print_result(summary, out)
     if dist.is_initialized():
         dist.barrier()  # leave together: a rank tearing down while rank 0 still writes outputs can abort
-        dist.destroy_process_group()
     return 0
 
 
