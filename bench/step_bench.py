@@ -161,7 +161,7 @@ def optimizer_pass(opt, kind: str):
         return run
     if isinstance(opt, FZOO):  # its step computes N coefficients itself
         coefs = [0.1] * opt.n_samples
-        return lambda: opt._restore_and_update(coefs, {"coef_tensors": {}})
+        return lambda: opt._restore_and_update(coefs, {})
     pgs = [0.5]
     losses = {"plus": [1.001], "minus": [0.999], "zero": 1.0, "proj_grads": pgs}
     scalars = opt._before_update(losses)

@@ -400,11 +400,14 @@ def optimizer_class(name: str):
 
 
 def optimizer_arg_names(cls) -> dict[str, inspect.Parameter]:
-    """Keyword arguments the optimizer class accepts: its own and those of ZOOptimizer."""
+    """Keyword arguments the optimizer class accepts: its own and those of every ZOOptimizer it derives
+    from (HiZOOL takes HiZOO's options through **kwargs), a subclass's default winning."""
     from zo_scale.optim.base import ZOOptimizer
 
     out = {}
-    for klass in (ZOOptimizer, cls):
+    for klass in reversed(cls.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, ZOOptimizer)):
+            continue
         for name, p in inspect.signature(klass.__init__).parameters.items():
             if name not in _OPTIMIZER_OWN_ARGS and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 out[name] = p

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from zo_scale import rng
+from zo_scale.optim.updates import combined_direction
 from zo_scale.shards import ShardView, detect_backend, fill_from_slices
 
 STATE_FORMAT = "zo_scale.optimizer.v1"
@@ -183,8 +184,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._kernels_ok is None:
             from zo_scale import kernels
 
-            limit = kernels.MAX_SAMPLES if self.kernel_sample_limit == "default" else self.kernel_sample_limit
-            self._kernels_ok = kernels.available() and (limit is None or self.n_samples <= limit)
+            self._kernels_ok = kernels.available() and self._kernel_takes_samples(kernels)
         if not self._kernels_ok:
             return False
         from zo_scale import kernels
@@ -197,7 +197,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         )
 
     _kernels_ok: bool | None = None
-    kernel_sample_limit: int | str | None = "default"  # most samples the fused update takes (None: any)
+
+    def _kernel_takes_samples(self, kernels) -> bool:
+        """Whether the fused update takes this many samples (their coefficients are scalar arguments)."""
+        return self.n_samples <= kernels.MAX_SAMPLES
 
     def _move_to(self, offset: int, sample: int) -> None:
         """Set the weights to θ + offset·ε·d_sample (master: written fresh; else: moved in place).
@@ -363,10 +366,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _grad_dir(self, zs: list[torch.Tensor], pgs: list[float], dtype: torch.dtype) -> torch.Tensor:
         """The ZO gradient estimate on this chunk, in ``dtype``: mean over samples of pg_j·z_j."""
-        g = zs[0].to(dtype) * (pgs[0] / len(zs))
-        for z, pg in zip(zs[1:], pgs[1:]):
-            g.add_(z, alpha=pg / len(zs))
-        return g
+        return combined_direction(zs, [pg / len(zs) for pg in pgs], dtype)
 
     def _decays(self, view: ShardView) -> bool:
         """Weight decay skips 1-D tensors (biases, norms) unless ``decay_1d`` is set."""

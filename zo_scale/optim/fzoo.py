@@ -36,7 +36,6 @@ class FZOO(ZOOptimizer):
     """
 
     probes_loss_zero = True
-    kernel_sample_limit = None  # its fused update reads the N coefficients from a device tensor
 
     def __init__(
         self,
@@ -61,6 +60,9 @@ class FZOO(ZOOptimizer):
         )
         self._kind = DIRECTIONS[direction]
         self._warned_flat = False
+
+    def _kernel_takes_samples(self, kernels) -> bool:
+        return True  # its fused update reads the N coefficients from a device tensor
 
     def _stream(self, view, sample):
         return rng.ZStream.make(self.seed, view.uid, self.step_count, sample, self._kind)
@@ -87,13 +89,12 @@ class FZOO(ZOOptimizer):
             forward_passes=self.forward_passes,
             loss_zero=loss_zero,
         )
-        coefs, sigma = ([], 0.0)
-        if all(math.isfinite(x) for x in vals):
-            coefs, sigma = fzoo_coefficients(loss_zero, probes)
+        finite = all(math.isfinite(x) for x in vals)
+        coefs, sigma = fzoo_coefficients(loss_zero, probes) if finite else ([], 0.0)
         stats.extra = {"sigma": sigma}
         if not coefs:
             self._move_to(0, n - 1)
-            if not all(math.isfinite(x) for x in vals):
+            if not finite:
                 if self.on_nonfinite == "raise":
                     raise NonFiniteLossError(
                         f"zo_scale: non-finite loss at step {self.step_count} (l0={loss_zero}, "
@@ -108,7 +109,7 @@ class FZOO(ZOOptimizer):
                 self._warned_flat = True
             stats.skipped = True
         else:
-            self._restore_and_update(coefs, {"coef_tensors": {}})
+            self._restore_and_update(coefs, {})  # _fused_update fills in the coefficient tensors
         self.step_count += 1
         self.last_stats = stats
         return stats.loss

@@ -71,28 +71,11 @@ class HiZOOL(HiZOO):
     Probes and forwards as HiZOO (3 per step, n_samples = 1).
     """
 
-    def __init__(
-        self,
-        model,
-        *,
-        lr: float,
-        eps: float = 1e-3,
-        hessian_smooth: float = 1e-8,
-        alpha_schedule: str = "constant",
-        total_steps: int | None = None,
-        hessian_floor: float = 0.0,
-        decay_1d: bool = False,
-        factored_min_dim: int = 2,
-        **kwargs,
-    ):
+    def __init__(self, model, *, factored_min_dim: int = 2, **kwargs):  # kwargs: HiZOO's options
         if isinstance(factored_min_dim, bool) or not isinstance(factored_min_dim, int) or factored_min_dim < 1:
             raise ValueError(f"zo_scale: HiZOOL factored_min_dim must be an integer >= 1, got {factored_min_dim!r}")
         self._factored_min_dim = factored_min_dim  # needed by _init_state, called from the base constructor
-        super().__init__(
-            model, lr=lr, eps=eps, hessian_smooth=hessian_smooth, alpha_schedule=alpha_schedule,
-            total_steps=total_steps, hessian_floor=hessian_floor, decay_1d=decay_1d,
-            factored_min_dim=factored_min_dim, **kwargs,
-        )
+        super().__init__(model, factored_min_dim=factored_min_dim, **kwargs)
         fdtype = self.state_dtype if self.state_dtype in FULL_PRECISION else torch.float32
         # R, C per factored tensor (replicated), and the layout of the step's fp64 sum buffer
         self.factors: dict[str, dict[str, torch.Tensor]] = {}
