@@ -429,7 +429,7 @@ def execute(cfg: RunConfig) -> str:
         st = opt.last_stats
         rec = {"type": "step", "step": st.step, "fwd": st.forward_passes, "loss": _finite(loss),
                "pg": _finite(st.proj_grad)}
-        for key in ("clip_fraction", "sigma"):
+        for key in ("clip_fraction", "sigma", "curvature"):
             if key in st.extra:
                 rec[key] = _finite(st.extra[key])
         if st.skipped:
