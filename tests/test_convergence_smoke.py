@@ -70,10 +70,11 @@ def test_aggregates(smoke_out):
                     for o in ("mezo", "hizoo", "helene", "fzoo")}
     for m in summary["main"]:
         assert 0.0 <= m["test_acc_mean"] <= 1.0 and m["test_acc_std"] >= 0.0 and m["seeds"] == [13]
-    # speedup rows: HiZOO, HELENE and FZOO against MeZO, by dev accuracy and by dev loss
-    assert len(summary["speedup"]) == 4 * 3 * 2
+    # speedup rows: HiZOO, HELENE and FZOO against MeZO, by dev accuracy and by dev loss, to MeZO's final
+    # and to its best evaluation
+    assert len(summary["speedup"]) == 4 * 3 * 2 * 2
     for p in summary["speedup"]:
-        assert p["metric"] in ("dev acc", "dev loss") and len(p["per_seed"]) == 1
+        assert p["metric"] in ("dev acc", "dev loss") and p["mark"] in ("final", "best") and len(p["per_seed"]) == 1
         sp = p["per_seed"][0]
         if sp["speedup"] is not None:
             assert sp["speedup"] == pytest.approx(sp["mezo_fwd"] / sp["fwd"])
@@ -176,6 +177,33 @@ def test_dev_limit_takes_a_balanced_subset_not_a_prefix():
     _, dev, test = load_splits(cfg)
     assert len(dev) == 100 and len(test) == 300
     assert 35 <= sum(e.label for e in dev) <= 65
+
+
+def test_speedup_to_mezos_final_and_to_its_best_evaluation(monkeypatch):
+    """Study 4: MeZO peaked at 72 % and fell back to 62 %; the 'best' mark asks for the peak."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import convergence
+
+    def run(accs, losses):
+        evals = [{"fwd": 250 * i, "dev_acc": a, "dev_loss": l} for i, (a, l) in enumerate(zip(accs, losses))]
+        return {"evals": evals, "final": {"dev_acc": accs[-1], "dev_loss": losses[-1]}}
+
+    mezo = {13: run([0.48, 0.59, 0.72, 0.62], [1.3, 0.8, 0.56, 0.73])}
+    other = {13: run([0.48, 0.65, 0.70, 0.84], [1.3, 0.7, 0.6, 0.44])}
+    (final,) = convergence.speedups(mezo, other, "acc", True, "final")
+    assert (final["target"], final["mezo_fwd"], final["fwd"]) == (0.62, 500, 250) and final["speedup"] == 2.0
+    (best,) = convergence.speedups(mezo, other, "acc", True, "best")
+    assert (best["target"], best["mezo_fwd"], best["fwd"], best["speedup"]) == (0.72, 500, 750, 500 / 750)
+    (best_loss,) = convergence.speedups(mezo, other, "loss", False, "best")
+    assert (best_loss["target"], best_loss["mezo_fwd"], best_loss["fwd"]) == (0.56, 500, 750)
+    # a MeZO that never beat its start has no mark to reach, whichever mark
+    flat = {13: run([0.48, 0.40, 0.45], [1.3, 1.4, 1.35])}
+    for mark in ("final", "best"):
+        (rec,) = convergence.speedups(flat, other, "acc", True, mark)
+        assert rec["speedup"] is None and rec["note"] == "MeZO did not improve on its start"
+    (unreached,) = convergence.speedups(mezo, {13: run([0.48, 0.5, 0.55, 0.6], [1.3, 1.2, 1.1, 1.0])},
+                                        "acc", True, "best")
+    assert unreached["fwd"] is None and unreached["note"] == "not reached within the budget"
 
 
 def test_selection_by_dev_accuracy_or_by_dev_loss(tmp_path, monkeypatch):
