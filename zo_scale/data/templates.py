@@ -38,7 +38,10 @@ SST2_WORDS = ("terrible", "great")
 SST5_WORDS = ("terrible", "bad", "okay", "good", "great")
 # LM-BFF's TREC label words (label 2 is ABBR, which LM-BFF verbalises as "Expression").
 TREC_MLM_WORDS = ("Description", "Entity", "Expression", "Human", "Location", "Number")
-TREC_CAUSAL_ANSWERS = (" Description", " Entity", " Abbreviation", " Person", " Location", " Number")
+# Causal answers are one token each (SmolLM2/GPT-2 BPE): candidates are scored by their mean token
+# log-probability, and a multi-token answer whose later tokens are near-certain wins that mean for every
+# question (" Abbreviation", 3 tokens, was SmolLM2's zero-shot answer to all of them: 1 % test).
+TREC_CAUSAL_ANSWERS = (" Description", " Entity", " Expression", " Person", " Location", " Number")
 
 
 def _sentiment(row: dict, words: tuple[str, ...]) -> Example:
