@@ -302,6 +302,12 @@ def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+# Bumped when a task's prompt or answers change, so that finished runs of the old form are not reused
+# (tasks absent here are at revision 1 and keep the ids they always had).
+# trec 2 (2026-12-05): one-token causal answers (" Expression" for ABBR, was the 3-token " Abbreviation").
+TASK_REVISIONS = {"trec": 2}
+
+
 def run_config(cfg: dict, *, task, k, seed, mode, optimizer, hp, variant="", budget=None, role="final") -> RunConfig:
     budget = cfg["budget"] if budget is None else budget
     rc = RunConfig(
@@ -316,6 +322,8 @@ def run_config(cfg: dict, *, task, k, seed, mode, optimizer, hp, variant="", bud
     ident = {k: v for k, v in asdict(rc).items() if k not in ("run_id", "out", "device", "threads", "role")}
     if rc.objective == "answer":
         del ident["objective"]
+    if task in TASK_REVISIONS:  # a task whose prompt or answers changed: its older runs are not reused
+        ident["task_revision"] = TASK_REVISIONS[task]
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
     hp_s = "_".join(f"{key}{_fmt(hp[key])}" for key in sorted(hp))
     name = f"{optimizer}-{variant}" if variant else optimizer

@@ -236,6 +236,21 @@ def test_selection_by_dev_accuracy_or_by_dev_loss(tmp_path, monkeypatch):
     assert [g["hp"]["lr"] for g in sel["grid"]] == [2, 1, 3] and sel["grid"][-1]["unstable"]
 
 
+def test_run_ids_are_stable_and_a_task_revision_retires_old_runs(monkeypatch):
+    """Finished runs are reused by id: committed runs keep their ids, and a task whose answers changed
+    (TREC's 3-token " Abbreviation" -> " Expression") gets new ids, so its old runs are not reused."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import convergence
+
+    cfg = convergence.resolve(convergence.build_parser().parse_args(
+        ["--preset", "cpu-long", "--out", "docs/results/cpu-long"]))
+    ids = {t: convergence.run_config(cfg, task=t, k=512, seed=13, mode="lora", optimizer="mezo",
+                                     hp={"eps": 1e-2, "lr": 1e-3}).run_id for t in ("sst2-lmbff", "trec")}
+    assert ids["sst2-lmbff"] == "sst2-lmbff_k512_s13_lora_mezo_eps0.01_lr0.001_F2000_49f0a26e"  # committed
+    assert ids["trec"].startswith("trec_k512_s13_lora_mezo_eps0.01_lr0.001_F2000_")
+    assert ids["trec"] != "trec_k512_s13_lora_mezo_eps0.01_lr0.001_F2000_311539f3"  # revision 1's id
+
+
 def test_interrupted_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_path, monkeypatch):
     """A run stopped after its second checkpoint and started again ends with the same records as a run
     that was never stopped (timings aside), and leaves no checkpoint behind."""
