@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-limit", type=int, help="cap the dev set (0 = all k per class)")
     p.add_argument("--grid", action="append", default=[], metavar="OPT[.MODE]:key=v1,v2[:key=...]",
                    help="replace an optimizer's grid, e.g. 'mezo.lora:lr=1e-4,1e-3:eps=1e-2' "
-                        "or 'hizoo:lr=1e-5:eps=1e-3:hessian_smooth=1e-8,1e-6' (repeatable)")
+                        "or 'hizoo:lr=1e-5:eps=1e-3:hessian_smooth=1e-8,1e-6' (repeatable); "
+                        "lr_schedule=constant|linear|cosine and min_lr_ratio=F decay the lr over the run")
     p.add_argument("--ablation", type=lambda s: [] if s == "none" else _csv(s),
                    help=f"HELENE variants ({', '.join(ABLATIONS)}) or 'none'")
     p.add_argument("--ablation-on", type=_csv, metavar="TASK:K:MODE,...",

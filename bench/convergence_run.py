@@ -210,11 +210,24 @@ OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE", "fzoo": "FZO
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# hp keys that belong to the run's lr schedule (zo_scale/trainer/schedule.py), not to the optimizer
+SCHEDULE_KEYS = ("lr_schedule", "min_lr_ratio")
+
+
 def make_optimizer(name: str, model, hp: dict, seed: int):
     import zo_scale
 
     cls = getattr(zo_scale, OPTIMIZERS[name])
-    return cls(model, seed=seed, **hp)
+    return cls(model, seed=seed, **{k: v for k, v in hp.items() if k not in SCHEDULE_KEYS})
+
+
+def lr_at(hp: dict, step: int, total_steps: int) -> float:
+    """The lr of 0-based ``step``: hp's lr under hp's lr_schedule (constant unless given) decaying over the
+    run's ``total_steps``, the same law as the training app's ``train.lr_schedule``."""
+    from zo_scale.trainer.schedule import lr_factor
+
+    return hp["lr"] * lr_factor(step, steps=total_steps, schedule=hp.get("lr_schedule", "constant"),
+                                min_lr_ratio=hp.get("min_lr_ratio", 0.0))
 
 
 def forwards_per_step(opt) -> int:
@@ -416,7 +429,10 @@ def execute(cfg: RunConfig) -> str:
         next_eval = cfg.eval_every or cfg.budget
         window, train_s = [], 0.0
     diverged, error = False, None
+    total_steps = cfg.budget // per_step
     while opt.forward_passes + per_step <= cfg.budget:
+        for group in opt.param_groups:  # a function of the step alone, so a resumed run continues it exactly
+            group["lr"] = lr_at(cfg.hp, opt.step_count, total_steps)
         closure = training_closure(cfg, model, tok, stream.next())
         t = time.perf_counter()
         try:
@@ -429,6 +445,8 @@ def execute(cfg: RunConfig) -> str:
         st = opt.last_stats
         rec = {"type": "step", "step": st.step, "fwd": st.forward_passes, "loss": _finite(loss),
                "pg": _finite(st.proj_grad)}
+        if "lr_schedule" in cfg.hp:
+            rec["lr"] = opt.param_groups[0]["lr"]
         for key in ("clip_fraction", "sigma", "curvature"):
             if key in st.extra:
                 rec[key] = _finite(st.extra[key])

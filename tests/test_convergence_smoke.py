@@ -5,6 +5,7 @@ with the library's token_loss, candidate_scores and predict_candidates."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -251,15 +252,17 @@ def test_run_ids_are_stable_and_a_task_revision_retires_old_runs(monkeypatch):
     assert ids["trec"] != "trec_k512_s13_lora_mezo_eps0.01_lr0.001_F2000_311539f3"  # revision 1's id
 
 
-def test_interrupted_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", [{}, {"lr_schedule": "cosine"}])
+def test_interrupted_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_path, monkeypatch, schedule):
     """A run stopped after its second checkpoint and started again ends with the same records as a run
-    that was never stopped (timings aside), and leaves no checkpoint behind."""
+    that was never stopped (timings aside), and leaves no checkpoint behind; an lr schedule continues."""
     monkeypatch.syspath_prepend(str(BENCH))
     import convergence_run as cr
 
     def cfg(out):
         return cr.RunConfig(run_id="r", out=str(out), task="sst2-lmbff", k=4, seed=13, mode="lora", optimizer="fzoo",
-                            hp={"lr": 1e-2, "eps": 1e-3, "n_directions": 3}, budget=24, eval_every=8, batch_size=4,
+                            hp={"lr": 1e-2, "eps": 1e-3, "n_directions": 3, **schedule}, budget=24, eval_every=8,
+                            batch_size=4,
                             model="tiny", test_limit=8, max_length=64, eval_batch_size=8, threads=1)
 
     whole = cfg(tmp_path / "whole.jsonl")
@@ -289,3 +292,8 @@ def test_interrupted_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_
 
     assert comparable(stopped.out) == comparable(whole.out)
     assert _records(Path(stopped.out))[-1]["resumed"] is True
+    lrs = [r.get("lr") for r in _records(Path(stopped.out)) if r["type"] == "step"]
+    if schedule:  # 6 steps of 4 forwards, cosine from 1e-2 towards 0
+        assert lrs == pytest.approx([1e-2 * (1 + math.cos(math.pi * t / 6)) / 2 for t in range(6)])
+    else:
+        assert lrs == [None] * 6
