@@ -16,10 +16,9 @@ import pytest
 
 from conftest import REPO, VENV_BIN, free_port, run_multiproc
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
-
 WORKER = REPO / "tests" / "dist_scripts" / "ds_resume_worker.py"
 RECIPE = REPO / "docs" / "recipes" / "deepspeed_zero3.py"
+RUN_RECIPE = REPO / "tests" / "dist_scripts" / "run_recipe.py"
 
 
 def _torchrun(*args, timeout: float):
@@ -28,6 +27,8 @@ def _torchrun(*args, timeout: float):
     return run_multiproc(cmd, env={"DS_ACCELERATOR": "cpu"}, timeout=timeout)
 
 
+@pytest.mark.multiproc
+@pytest.mark.slow
 def test_engine_checkpoint_resumes_the_zo_trajectory(tmp_path):
     _torchrun(WORKER, "--phase", "run", "--out", tmp_path, timeout=400)
     _torchrun(WORKER, "--phase", "resume", "--out", tmp_path, timeout=400)
@@ -43,13 +44,24 @@ def _losses(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("step ")]
 
 
+@pytest.mark.multiproc
+@pytest.mark.slow
 def test_deepspeed_recipe_resumes(tmp_path):
     """docs/recipes/deepspeed_zero3.py as a user runs it: 4 steps with checkpoints after 2 and 4;
     then, pointed back at the step-2 checkpoint, it resumes and repeats steps 3-4 exactly."""
     ckpt = tmp_path / "ckpt"
-    first = _losses(_torchrun(RECIPE, "--ckpt", ckpt, "--steps", "4", timeout=300).stdout)
+    first = _losses(_torchrun(RUN_RECIPE, RECIPE, "--ckpt", ckpt, "--steps", "4", timeout=300).stdout)
     assert [line.split()[1] for line in first] == ["1", "2", "3", "4"]
     assert (ckpt / "latest").read_text() == "global_step4"
     (ckpt / "latest").write_text("global_step2")
-    again = _losses(_torchrun(RECIPE, "--ckpt", ckpt, "--steps", "4", timeout=300).stdout)
+    again = _losses(_torchrun(RUN_RECIPE, RECIPE, "--ckpt", ckpt, "--steps", "4", timeout=300).stdout)
     assert again == first[2:]
+
+
+def test_sharded_md_shows_the_recipe_as_it_runs():
+    doc = (REPO / "docs" / "sharded.md").read_text()
+    marker = "<!-- recipe: docs/recipes/deepspeed_zero3.py -->\n```python\n"
+    block = doc[doc.index(marker) + len(marker):]
+    block = block[: block.index("```")]
+    recipe = RECIPE.read_text()
+    assert block == recipe[recipe.index("import argparse"):]

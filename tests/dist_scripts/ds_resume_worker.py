@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -87,6 +88,19 @@ def refusals(engine, ckpt: Path) -> list[str]:
     except RuntimeError as e:
         if "build the ZO optimizer first" not in str(e):
             out.append(f"late optimizer: {e}")
+    # a DeepSpeed checkpoint written without a ZO optimizer (a first-order run): ZO starts from its
+    # weights, its fp32 master too (a stale master would write the old weights back at the next step)
+    late.save_checkpoint(ckpt / "first_order")
+    fresh, _ = build("adam_fp32", with_zo=False)
+    opt = common.make_optimizer("MeZO", fresh, master_weights=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_checkpoint(ckpt / "first_order")
+    if not any("holds no ZO optimizer state" in str(w.message) for w in caught):
+        out.append("loading a checkpoint without ZO state gave no warning")
+    stale = [v.name for v in opt.views if not torch.equal(opt.shard_state[v.name]["master"], v.local)]
+    if stale:
+        out.append(f"fp32 master not re-taken from the loaded weights: {stale[:3]}")
     return out
 
 

@@ -41,7 +41,7 @@ _LATEST = "latest"
 
 def install(engine, backend) -> None:
     """Wrap ``engine.save_checkpoint`` / ``load_checkpoint`` (once) for the optimizer on ``backend``."""
-    if engine.loaded_checkpoint_dp_world_size is not None:
+    if getattr(engine, "loaded_checkpoint_dp_world_size", None) is not None:
         raise RuntimeError(
             "zo_scale: this engine already ran engine.load_checkpoint, before the ZO optimizer existed, so the ZO "
             "state saved with that checkpoint (step, master, momentum) was not restored; build the ZO optimizer "
