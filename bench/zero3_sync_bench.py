@@ -5,7 +5,10 @@ ZO update the backend copies the updated values into them (``sync_engine_master`
 ``opt.step`` with the copy and with it switched off (alternating, median of --repeats each), and
 the copy alone.
 
-    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/zero3_sync_bench.py
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/zero3_sync_bench.py [--bf16]
+
+(On a CPU-only machine where DeepSpeed would JIT-build its ops at start, launch it through
+``tests/dist_scripts/run_recipe.py bench/zero3_sync_bench.py`` as the tests do.)
 """
 
 from __future__ import annotations
