@@ -173,5 +173,6 @@ def _load_weights(opt, pieces: list[dict]) -> None:
         return
     for v in opt.views:
         entries = (sd["shards"].get(v.name) for sd in pieces)
-        slices = [(e["start"], e["global_numel"], e["tensors"][WEIGHT]) for e in entries if e and WEIGHT in e["tensors"]]
+        slices = [(e["start"], e["global_numel"], e["tensors"][WEIGHT])
+                  for e in entries if e and WEIGHT in e["tensors"]]
         fill_from_slices(v.local, v, slices, f"{v.name}/{WEIGHT}")

@@ -68,7 +68,8 @@ def _engine_file(rank: int) -> str:
 
 
 def _saver(engine, save_checkpoint):
-    def save(save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):  # noqa: B006 (DeepSpeed's signature)
+    # DeepSpeed's signature, mutable default included
+    def save(save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):  # noqa: B006
         backend = engine._zo_scale_backend
         opt = backend.optimizer()
         if opt is None:
