@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from zo_scale import rng
 from zo_scale.optim.updates import combined_direction
-from zo_scale.shards import ShardView, detect_backend, fill_from_slices
+from zo_scale.backends import detect as detect_backend
+from zo_scale.shards import ShardView, fill_from_slices
 
 STATE_FORMAT = "zo_scale.optimizer.v1"
 FULL_PRECISION = (torch.float32, torch.float64)  # updated in place; anything else goes through fp32
