@@ -29,7 +29,7 @@ OPTIMIZERS = {"helene": "HELENE", "mezo": "MeZO", "hizoo": "HiZOO", "fzoo": "FZO
 BACKENDS = ("none", "fsdp2", "deepspeed")
 PEFT_METHODS = ("lora", "prefix")
 # Optimizer arguments the trainer sets itself.
-_OPTIMIZER_OWN_ARGS = {"self", "model", "seed", "process_group", "on_nonfinite", "kwargs", "hparams"}
+_OPTIMIZER_OWN_ARGS = {"seed", "process_group", "on_nonfinite"}
 
 
 class ConfigError(ValueError):
@@ -400,18 +400,9 @@ def optimizer_class(name: str):
 
 
 def optimizer_arg_names(cls) -> dict[str, inspect.Parameter]:
-    """Keyword arguments the optimizer class accepts: its own and those of every ZOOptimizer it derives
-    from (HiZOOL takes HiZOO's options through **kwargs), a subclass's default winning."""
-    from zo_scale.optim.base import ZOOptimizer
-
-    out = {}
-    for klass in reversed(cls.__mro__):
-        if not (isinstance(klass, type) and issubclass(klass, ZOOptimizer)):
-            continue
-        for name, p in inspect.signature(klass.__init__).parameters.items():
-            if name not in _OPTIMIZER_OWN_ARGS and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                out[name] = p
-    return out
+    """Options a config may set for the optimizer class: those it accepts (``ZOOptimizer.options``, the
+    same declarations its constructor checks) less the ones the trainer sets itself."""
+    return {name: p for name, p in cls.options().items() if name not in _OPTIMIZER_OWN_ARGS}
 
 
 def _validate_optimizer(cfg: RunConfig) -> None:
