@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from zo_scale import rng
+from zo_scale.optim.loss_precision import LossResolution
 from zo_scale.optim.updates import combined_direction
 from zo_scale.backends import detect as detect_backend
 from zo_scale.shards import ShardView, fill_from_slices
@@ -130,6 +131,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count = 0
         self.forward_passes = 0
         self.last_stats: StepStats | None = None
+        self.loss_resolution = LossResolution(type(self).__name__)
         self._offset = 0  # current perturbation, in units of ε along the current direction
         self._sample = 0  # the sample whose direction that is
         if master_weights is None:  # an fp32 master wherever weights are low precision
@@ -292,6 +294,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             out = closure()
         self.forward_passes += 1
+        self.loss_resolution.check_value(out)
         return _as_sum_and_weight(out, self.backend.loss_device())
 
     def _reduce(self, pairs: list[torch.Tensor]) -> list[float]:
@@ -351,6 +354,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             stats.skipped = True
         else:
+            self.loss_resolution.check_step(all(a == b for a, b in zip(plus, minus)))
             try:
                 scalars = self._before_update({"plus": plus, "minus": minus, "zero": loss_zero, "proj_grads": pgs})
             except Exception:
