@@ -317,9 +317,10 @@ def validate(cfg: RunConfig) -> None:
             f"checkpoint.resume must be 'auto', 'never' or a complete checkpoint directory; {c.resume} is none"
         )
     if cfg.task.objective == "accuracy" and cfg.optimizer_name == "HELENE" and \
-            cfg.optimizer.get("hessian_scale", "loss") == "loss":
-        raise ConfigError("task.objective 'accuracy' gives negative losses; HELENE's hessian_scale 'loss' needs "
-                          "a positive loss: set optimizer.hessian_scale to a number")
+            cfg.optimizer.get("hessian_scale", "loss") == "loss" and cfg.optimizer.get("loss_floor", 0.0) > -1:
+        raise ConfigError("task.objective 'accuracy' gives losses down to -1; HELENE's hessian_scale 'loss' needs "
+                          "the loss above optimizer.loss_floor: set optimizer.loss_floor to -1 (or hessian_scale "
+                          "to a number)")
 
 
 def _positive(name: str, value: int, zero_ok: bool = False) -> None:
