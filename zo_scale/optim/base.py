@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from zo_scale import rng
+from zo_scale.backends import detect as detect_backend
 from zo_scale.optim.loss_precision import LossResolution
 from zo_scale.optim.updates import combined_direction
-from zo_scale.backends import detect as detect_backend
 from zo_scale.shards import ShardView, fill_from_slices
 
 STATE_FORMAT = "zo_scale.optimizer.v1"
