@@ -29,7 +29,7 @@ OPTIMIZERS = {"helene": "HELENE", "mezo": "MeZO", "hizoo": "HiZOO", "fzoo": "FZO
 BACKENDS = ("none", "fsdp2", "deepspeed")
 PEFT_METHODS = ("lora", "prefix")
 # Optimizer arguments the trainer sets itself.
-_OPTIMIZER_OWN_ARGS = {"self", "model", "seed", "process_group", "on_nonfinite", "kwargs", "hparams"}
+_OPTIMIZER_OWN_ARGS = {"seed", "process_group", "on_nonfinite"}
 
 
 class ConfigError(ValueError):
@@ -317,9 +317,10 @@ def validate(cfg: RunConfig) -> None:
             f"checkpoint.resume must be 'auto', 'never' or a complete checkpoint directory; {c.resume} is none"
         )
     if cfg.task.objective == "accuracy" and cfg.optimizer_name == "HELENE" and \
-            cfg.optimizer.get("hessian_scale", "loss") == "loss":
-        raise ConfigError("task.objective 'accuracy' gives negative losses; HELENE's hessian_scale 'loss' needs "
-                          "a positive loss: set optimizer.hessian_scale to a number")
+            cfg.optimizer.get("hessian_scale", "loss") == "loss" and cfg.optimizer.get("loss_floor", 0.0) > -1:
+        raise ConfigError("task.objective 'accuracy' gives losses down to -1; HELENE's hessian_scale 'loss' needs "
+                          "the loss above optimizer.loss_floor: set optimizer.loss_floor to -1 (or hessian_scale "
+                          "to a number)")
 
 
 def _positive(name: str, value: int, zero_ok: bool = False) -> None:
@@ -400,18 +401,9 @@ def optimizer_class(name: str):
 
 
 def optimizer_arg_names(cls) -> dict[str, inspect.Parameter]:
-    """Keyword arguments the optimizer class accepts: its own and those of every ZOOptimizer it derives
-    from (HiZOOL takes HiZOO's options through **kwargs), a subclass's default winning."""
-    from zo_scale.optim.base import ZOOptimizer
-
-    out = {}
-    for klass in reversed(cls.__mro__):
-        if not (isinstance(klass, type) and issubclass(klass, ZOOptimizer)):
-            continue
-        for name, p in inspect.signature(klass.__init__).parameters.items():
-            if name not in _OPTIMIZER_OWN_ARGS and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                out[name] = p
-    return out
+    """Options a config may set for the optimizer class: those it accepts (``ZOOptimizer.options``, the
+    same declarations its constructor checks) less the ones the trainer sets itself."""
+    return {name: p for name, p in cls.options().items() if name not in _OPTIMIZER_OWN_ARGS}
 
 
 def _validate_optimizer(cfg: RunConfig) -> None:

@@ -17,6 +17,7 @@ so every mapping is unit-testable without launching anything.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import re
@@ -362,11 +363,51 @@ def destroy_distributed() -> None:
         ds_comm.destroy_process_group()  # also drops DeepSpeed's references to its groups
     else:
         dist.destroy_process_group()
+    _free_destroyed_groups()
+
+
+def _free_destroyed_groups() -> None:
+    """Drop the references to destroyed groups that outlive their users: DTensor's sharding cache (its
+    meshes keep their groups) and reference cycles (engines, sharded models)."""
     if "torch.distributed.tensor" in sys.modules:
         from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
         _clear_sharding_prop_cache()
-    gc.collect()  # engines and sharded models in reference cycles hold groups until collected
+    gc.collect()
+
+
+_exit_teardown_installed = False
+
+
+def install_exit_teardown() -> None:
+    """Make process groups that the user's own script starts end safely; ``import zo_scale`` calls this.
+
+    Scripts start their group themselves (``init_process_group`` ... ``destroy_process_group()`` with
+    the sharded model still alive, as pytorch/examples' FSDP2 example does), so the group outlives its
+    destroy and gloo's threads run into interpreter shutdown, where one can abort the finished process
+    (issue #15's cause). From here, usually before the user's ``init_process_group``:
+    - ``torch.distributed.nn`` is imported while no group exists, so it cannot hold one later;
+    - an atexit hook (:func:`_teardown_at_exit`) frees the groups while the interpreter is fully alive.
+    Not covered: a group still referenced by live objects at exit (a model or engine in a module-level
+    variable, any DeepSpeed ZeRO-3 engine): drop them first, or end with :func:`destroy_distributed`."""
+    global _exit_teardown_installed
+    if _exit_teardown_installed or not dist.is_available():
+        return
+    _exit_teardown_installed = True
+    if not dist.is_initialized():
+        _import_world_default_modules()
+    atexit.register(_teardown_at_exit)
+
+
+def _teardown_at_exit() -> None:
+    """atexit: destroy a group the script left alive, and free every destroyed group whose last holders
+    are caches or garbage, so their threads are joined before interpreter shutdown begins. atexit runs
+    last-registered first: registered at ``import zo_scale``, this runs after the hooks of whatever the
+    script imported later, and before torch's own."""
+    if dist.is_initialized():
+        destroy_distributed()
+    else:
+        _free_destroyed_groups()
 
 
 @contextmanager

@@ -113,13 +113,6 @@ class ReplicatedBackend(Backend):
         return views
 
 
-def detect_backend(model) -> Backend:
-    """Pick the backend from what ``model`` is: DeepSpeed engine, FSDP2 module, FSDP1, or plain."""
-    from zo_scale import backends
-
-    return backends.detect(model)
-
-
 def fill_from_slices(dest: torch.Tensor, view: ShardView, slices, what: str) -> None:
     """Copy ``view``'s global range into ``dest`` (shaped like ``view.local``) out of saved slices
     ``(start, global_numel, tensor)`` of the same parameter, saved on any world size or backend.

@@ -65,6 +65,7 @@ def _has_fsdp1(module: torch.nn.Module) -> bool:
 
 
 def detect(model) -> Backend:
+    """Pick the backend from what ``model`` is: DeepSpeed engine, FSDP2 module, FSDP1, or plain."""
     if is_deepspeed_engine(model):
         if model.zero_optimization_stage() == 3:
             from zo_scale.backends.zero3 import ZeRO3Backend

@@ -11,6 +11,8 @@ need (HiZOO's ℓ₀) and the per-chunk update, which calls the pure math in ``u
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -19,8 +21,10 @@ import torch
 import torch.distributed as dist
 
 from zo_scale import rng
+from zo_scale.backends import detect as detect_backend
+from zo_scale.optim.loss_precision import LossResolution
 from zo_scale.optim.updates import combined_direction
-from zo_scale.shards import ShardView, detect_backend, fill_from_slices
+from zo_scale.shards import ShardView, fill_from_slices
 
 STATE_FORMAT = "zo_scale.optimizer.v1"
 FULL_PRECISION = (torch.float32, torch.float64)  # updated in place; anything else goes through fp32
@@ -68,6 +72,16 @@ class ZOOptimizer(torch.optim.Optimizer):
     ``closure()`` runs a forward pass on this rank's current micro-batch and returns either a
     mean loss (weight 1) or ``(loss_sum, weight)`` (e.g. summed token losses and the token
     count): the optimizer forms the global weighted mean across data-parallel ranks.
+    ``step`` returns the step's loss as a Python float (no ``.item()``).
+
+    Options. An optimizer's options are the keyword-only parameters of its ``__init__`` and of
+    every ZOOptimizer class above it (:meth:`options`). A subclass declares each of its own with
+    a default, checks it, and forwards it by name to ``super().__init__(model, ..., name=value,
+    **kwargs)``, which keeps it in ``param_groups[0]`` (saved in checkpoints) and passes ``kwargs``
+    on. Anything that reaches this class under a name no class declares is a misspelt or foreign
+    option: it raises ``TypeError`` naming it and the accepted ones, as ``torch.optim`` does. The
+    run configuration (``zo_scale.config``) reads the same declarations, so a new optimizer needs
+    nothing else to be configurable.
     """
 
     state_names: tuple[str, ...] = ()  # per-coordinate state kept by the subclass
@@ -90,6 +104,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         on_nonfinite: str = "raise",
         **hparams,
     ):
+        self._check_option_names(hparams)
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"zo_scale: lr must be finite and >= 0, got {lr}")
         # the probes move weights by up to 2·ε·z in fp32: beyond this bound the step itself overflows
@@ -116,6 +131,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_count = 0
         self.forward_passes = 0
         self.last_stats: StepStats | None = None
+        self.loss_resolution = LossResolution(type(self).__name__)
         self._offset = 0  # current perturbation, in units of ε along the current direction
         self._sample = 0  # the sample whose direction that is
         if master_weights is None:  # an fp32 master wherever weights are low precision
@@ -132,6 +148,30 @@ class ZOOptimizer(torch.optim.Optimizer):
                     st[sname] = t
             self.shard_state[v.name] = st
         self.backend.attach(self)
+
+    @classmethod
+    def options(cls) -> dict[str, inspect.Parameter]:
+        """The keyword options ``cls`` accepts, by name: the keyword parameters of ``__init__`` along
+        its ZOOptimizer class chain, a subclass's declaration (and default) winning."""
+        out = {}
+        for klass in reversed(cls.__mro__):
+            if not (isinstance(klass, type) and issubclass(klass, ZOOptimizer)):
+                continue
+            for name, p in inspect.signature(klass.__init__).parameters.items():
+                if p.kind is p.KEYWORD_ONLY:
+                    out[name] = p
+        return out
+
+    def _check_option_names(self, hparams: dict) -> None:
+        accepted = type(self).options()
+        for name in hparams:
+            if name not in accepted:
+                close = difflib.get_close_matches(name, accepted, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(
+                    f"zo_scale: {type(self).__name__} got an unexpected keyword argument {name!r}{hint}; "
+                    f"it accepts {', '.join(sorted(accepted))}"
+                )
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -255,6 +295,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             out = closure()
         self.forward_passes += 1
+        self.loss_resolution.check_value(out)
         return _as_sum_and_weight(out, self.backend.loss_device())
 
     def _reduce(self, pairs: list[torch.Tensor]) -> list[float]:
@@ -314,6 +355,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             stats.skipped = True
         else:
+            self.loss_resolution.check_step(all(a == b for a, b in zip(plus, minus)))
             try:
                 scalars = self._before_update({"plus": plus, "minus": minus, "zero": loss_zero, "proj_grads": pgs})
             except Exception:

@@ -20,6 +20,7 @@ import torch
 
 from zo_scale import rng
 from zo_scale.optim.base import NonFiniteLossError, StepStats, ZOOptimizer
+from zo_scale.optim.loss_precision import FIX
 from zo_scale.optim.updates import combined_direction, fzoo_coefficients, mezo_update_
 
 DIRECTIONS = {"rademacher": "rademacher", "gaussian": "normal"}
@@ -30,7 +31,8 @@ class FZOO(ZOOptimizer):
     ``weight_decay`` and ``decay_1d`` as in MeZO (decoupled, θ·(1 − lr·wd); FZOO's code has none).
 
     When all N probe losses are equal (σ = 0) no step is defined: the weights are restored, the step
-    is reported as skipped (``last_stats.skipped``) and a warning says why once per optimizer.
+    is reported as skipped (``last_stats.skipped``) and a warning says why once per optimizer (most
+    often a loss computed in bf16/fp16, which cannot resolve a probe; else an eps too small).
     ``last_stats``: ``loss`` = ℓ₀ (the unperturbed loss, as FZOO's code reports it), ``loss_plus`` =
     mean ℓ_i, ``proj_grad`` = mean (ℓ_i − ℓ₀)/ε, ``extra`` = {sigma}.
     """
@@ -102,8 +104,8 @@ class FZOO(ZOOptimizer):
                     )
             elif not self._warned_flat:
                 warnings.warn(
-                    f"zo_scale: FZOO step {self.step_count} skipped: all {n} probe losses are equal (σ = 0); "
-                    "eps may be too small for the loss to change",
+                    f"zo_scale: FZOO step {self.step_count} skipped: all {n} probe losses are equal (σ = 0), so "
+                    f"the loss does not resolve the probes' change: {FIX}; else eps may be too small",
                     stacklevel=2,
                 )
                 self._warned_flat = True

@@ -30,9 +30,14 @@ class HELENE(ZOOptimizer):
       beta1 [0.9], beta2 [0.99]         momentum and Hessian EMA factors
       anneal ['exp'|'exp_ema'|'none'], anneal_horizon T [100 steps]  (see updates.helene_alpha)
       hessian_interval k [1]            refresh h every k steps
-      hessian_scale c ['loss' | float]  ĥ = c·g⊙g; 'loss': c = 1/(2ℓ), the Gauss–Newton scale for a
-                                        loss ~ ½r² (g⊙g/(2ℓ) is exactly the curvature of one squared
-                                        residual), which makes m/h a Newton-like step; needs ℓ > 0
+      hessian_scale c ['loss' | float]  ĥ = c·g⊙g; 'loss': c = 1/(2(ℓ − ℓ*)), the Gauss–Newton scale for
+                                        a loss ℓ = ℓ* + ½r² (g⊙g/(2(ℓ − ℓ*)) is exactly the curvature of
+                                        one squared residual), which makes m/h a Newton-like step
+      loss_floor ℓ* [0.0]               the lowest value the loss can take, for hessian_scale='loss':
+                                        0 for cross-entropy and squared errors; for a loss of any sign,
+                                        its own lower bound (−1 for minus an accuracy, −10 for a loss
+                                        shifted by −10). A shifted loss with its shifted floor gives the
+                                        same c, hence the same trajectory. ℓ ≤ ℓ* is an error.
       use_hessian [True]                False: h ≡ 1 in the denominator (ablation)
       hessian_bias_correction [False]   divide h by 1 − β2ⁿ after its n-th refresh (Adam-style): h starts
                                         at 0, so without it the first steps divide m by a tiny h
@@ -59,6 +64,7 @@ class HELENE(ZOOptimizer):
         anneal_horizon: float = 100.0,
         hessian_interval: int = 1,
         hessian_scale: float | str = "loss",
+        loss_floor: float = 0.0,
         use_hessian: bool = True,
         hessian_bias_correction: bool = False,
         gamma: float = 1.0,
@@ -77,6 +83,8 @@ class HELENE(ZOOptimizer):
             raise ValueError(f"zo_scale: HELENE lambda_rule must be one of {LAMBDA_RULES}, got {lambda_rule!r}")
         if not (hessian_scale == "loss" or (isinstance(hessian_scale, (int, float)) and hessian_scale > 0)):
             raise ValueError(f"zo_scale: HELENE hessian_scale must be 'loss' or a positive number, got {hessian_scale!r}")
+        if not math.isfinite(loss_floor):
+            raise ValueError(f"zo_scale: HELENE loss_floor must be a finite number, got {loss_floor!r}")
         if hessian_interval < 1 or anneal_horizon <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
             raise ValueError("zo_scale: HELENE needs hessian_interval >= 1, anneal_horizon > 0, 0 <= beta1, beta2 < 1")
         super().__init__(
@@ -89,6 +97,7 @@ class HELENE(ZOOptimizer):
             anneal_horizon=anneal_horizon,
             hessian_interval=hessian_interval,
             hessian_scale=hessian_scale,
+            loss_floor=loss_floor,
             use_hessian=use_hessian,
             hessian_bias_correction=hessian_bias_correction,
             gamma=gamma,
@@ -111,11 +120,7 @@ class HELENE(ZOOptimizer):
         scale = group["hessian_scale"]
         if scale == "loss":
             loss = (sum(losses["plus"]) + sum(losses["minus"])) / (2 * len(losses["plus"]))
-            if loss <= 0:
-                raise ValueError(
-                    f"zo_scale: HELENE hessian_scale='loss' needs a positive loss, got {loss}; set a number instead"
-                )
-            scale = 1.0 / (2.0 * loss)
+            scale = 1.0 / (2.0 * self._excess_loss(loss, group["loss_floor"]))
         return {
             "hessian_scale": scale,
             "alpha": helene_alpha(
@@ -124,6 +129,17 @@ class HELENE(ZOOptimizer):
             "refresh": self.step_count % group["hessian_interval"] == 0,
             "hessian_correction": self._hessian_correction(group),
         }
+
+    def _excess_loss(self, loss: float, floor: float) -> float:
+        """ℓ − ℓ* of hessian_scale='loss', which must be positive: else an error that says what to set."""
+        if loss > floor:
+            return loss - floor
+        raise ValueError(
+            f"zo_scale: HELENE hessian_scale='loss' (c = 1/(2(ℓ − loss_floor))) needs a positive loss above "
+            f"loss_floor={floor:g}, got ℓ = {loss:g} at step {self.step_count}: set loss_floor to the lowest value "
+            f"your loss can take (below {loss:g}; e.g. -1 for minus an accuracy, -10 for a loss shifted by -10), "
+            f"or a fixed hessian_scale such as {1.0 / (2.0 * max(abs(loss), 1e-12)):.3g} (= 1/(2|ℓ|) here; retune lr)"
+        )
 
     def _hessian_correction(self, group) -> float:
         """1 − β2ⁿ with n the refreshes of h so far, this step's included (1.0 when not corrected)."""
