@@ -26,6 +26,8 @@ STATE_TENSORS = {"mezo": 0, "hizoo": 1, "helene": 2, "fzoo": 0}  # per-coordinat
 STATE_TENSORS["hizoo-l"] = 0  # a full H for vectors only; R, C per matrix: see factored_state_numbers
 STATE_TENSORS["zo-muon"] = 0  # rows of P per matrix: see subspace_state_numbers
 STATE_TENSORS["helene-muon"] = 0  # ZO-Muon's plus a momentum: M (r×n) per matrix, a full one for vectors
+# ZO-Muon's bases: regenerated from the seed (never saved), drawn at the first step, not at construction
+P_ROWS, P_DRAW = "subspace bases: P rows (fp32)", "P draw + QR, U_i (per matrix)"
 BACKENDS = ("zero3", "fsdp2", "replicated")
 BACKEND_ALIASES = {"deepspeed": "zero3", "zero-3": "zero3", "ds": "zero3", "fsdp": "fsdp2", "ddp": "replicated",
                    "single": "replicated", "none": "replicated"}
@@ -350,11 +352,11 @@ def _subspace_parts(p: Plan, shape: ModelShape, rank: int, n_directions: int, sb
     k = subspace_state_numbers(shape, rank)
     mats, _ = shape.matrices()
     p.parts[f"optimizer state ({p.state_dtype})"] = 0
-    p.parts["optimizer state: P rows (fp32)"] = 4 * (-(-k["basis"] // shards) + (rank * len(mats) if shards > 1 else 0))
+    p.parts[P_ROWS] = 4 * (-(-k["basis"] // shards) + (rank * len(mats) if shards > 1 else 0))
     if p.optimizer == "helene-muon":
         p.parts[f"optimizer state ({p.state_dtype})"] = sb * -(-k["vectors"] // shards)
         p.parts["optimizer state: M (replicated)"] = 4 * k["momentum"]
-    p.parts["P draw + QR, U_i (per matrix)"] = 8 * 2 * k["qr"] + 4 * n_directions * k["factors"]
+    p.parts[P_DRAW] = 8 * 2 * k["qr"] + 4 * n_directions * k["factors"]
 
 
 def _gathered(shape, backend, gpus, wb, bucket, persist, notes) -> int:
