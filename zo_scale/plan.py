@@ -244,8 +244,10 @@ class Plan:
         state = f"{STATE_TENSORS[self.optimizer]}×{self.state_dtype} state" if STATE_TENSORS[self.optimizer] else "no state"
         if self.optimizer == "hizoo-l":
             state = "factored H: fp32 R, C per matrix + full H of vectors"
-        if self.optimizer in ("zo-muon", "helene-muon"):
-            state = "rows of P per matrix" + (" + M (r×n) per matrix, momentum of vectors" if self.optimizer == "helene-muon" else "")
+        if self.optimizer == "zo-muon":
+            state = "rows of P per matrix"
+        if self.optimizer == "helene-muon":
+            state = "rows of P, M (r×n) per matrix + momentum of vectors"
         lines = [
             f"zo_scale memory plan: {self.model} ({self.params / 1e9:.2f} B params), {self.dtype} weights, "
             f"{self.backend} on {self.gpus} GPU{'s' if self.gpus > 1 else ''}",

@@ -227,8 +227,8 @@ class ZOMuon(ZOOptimizer):
 
     # ------------------------------------------------------------------ what HELENE-Muon changes
 
-    def _matrix_step(self, view, coefs: list[float]) -> torch.Tensor:
-        """X (r×n) such that the matrix moves by −lr·P·X: NS5(G). The same on every rank."""
+    def _matrix_step(self, view, coefs: list[float]) -> torch.Tensor | None:
+        """X (r×n) such that the matrix moves by −lr·P·X: NS5(G), the same on every rank (None: empty shard)."""
         if view.numel == 0:
             return None  # nothing to write, and no state to keep
         g = subspace_estimate([self._factor(view, j) for j in range(self.n_samples)], coefs)
