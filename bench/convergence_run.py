@@ -187,7 +187,7 @@ class RunConfig:
     k: int
     seed: int
     mode: str  # full | lora | norm
-    optimizer: str  # mezo | hizoo | helene | zeroshot
+    optimizer: str  # a key of OPTIMIZERS | zeroshot
     hp: dict  # lr, eps and any other optimizer kwargs
     variant: str = ""  # HELENE ablation variant name ("" = the optimizer's defaults)
     budget: int = 0  # forward passes for training (evaluation forwards not counted)
@@ -206,7 +206,8 @@ class RunConfig:
     objective: str = "answer"  # answer: cross-entropy of the answer tokens (MeZO) | candidates: among the candidates
 
 
-OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE", "fzoo": "FZOO", "hizoo-l": "HiZOOL"}
+OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE", "fzoo": "FZOO", "hizoo-l": "HiZOOL",
+              "zo-muon": "ZOMuon", "helene-muon": "HELENEMuon"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -231,8 +232,11 @@ def lr_at(hp: dict, step: int, total_steps: int) -> float:
 
 
 def forwards_per_step(opt) -> int:
-    """HiZOO and HiZOO-L: ℓ₀, ℓ₊, ℓ₋; FZOO: ℓ₀ and N one-sided probes; MeZO/HELENE: ℓ₊, ℓ₋ per sample."""
-    if type(opt).__name__ == "FZOO":
+    """HiZOO and HiZOO-L: ℓ₀, ℓ₊, ℓ₋; FZOO, ZO-Muon, HELENE-Muon: ℓ₀ and N one-sided probes; MeZO/HELENE:
+    ℓ₊, ℓ₋ per sample."""
+    from zo_scale import FZOO, ZOMuon
+
+    if isinstance(opt, (FZOO, ZOMuon)):
         return opt.n_samples + 1
     return 3 if opt.probes_loss_zero else 2 * opt.n_samples
 
@@ -447,7 +451,7 @@ def execute(cfg: RunConfig) -> str:
                "pg": _finite(st.proj_grad)}
         if "lr_schedule" in cfg.hp:
             rec["lr"] = opt.param_groups[0]["lr"]
-        for key in ("clip_fraction", "sigma", "curvature"):
+        for key in ("clip_fraction", "sigma", "curvature", "alpha"):
             if key in st.extra:
                 rec[key] = _finite(st.extra[key])
         if st.skipped:

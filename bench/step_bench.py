@@ -10,7 +10,8 @@ For random-init OPT shapes (bf16, batch 16 × seq 256) it measures, in one run:
   passes                each ZO pass (perturb, fused restore+update) as the optimizer runs it (the
                         fused kernels on CUDA) and through its chunked torch path, against
                         bytes-it-must-move / copy bandwidth
-  steps                 opt.step(closure) for MeZO, HiZOO, HELENE, FZOO (N = 8), HELENE's lightest configuration
+  steps                 opt.step(closure) for MeZO, HiZOO, HELENE, FZOO (N = 8), ZO-Muon and HELENE-Muon (N = 4,
+                        r = 64: torch path, rank-r matmuls), HELENE's lightest configuration
                         (helene-lean: bf16 state, no master), and the official-style MeZO
                         (torch.manual_seed + torch.normal per parameter, four passes)
   peak memory           torch.cuda.max_memory_allocated per step, against inference-only and the planner
@@ -37,15 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # official_mezo.py nex
 
 from official_mezo import OfficialMeZO  # noqa: E402
 
-from zo_scale import FZOO, HELENE, HiZOO, MeZO, kernels  # noqa: E402
+from zo_scale import FZOO, HELENE, HELENEMuon, HiZOO, MeZO, ZOMuon, kernels  # noqa: E402
 from zo_scale.memtrace import LiveTensorBytes, build_model, planned_total  # noqa: E402
 from zo_scale.plan import GIB, MODELS, ModelShape, plan  # noqa: E402
 
 TINY = ModelShape("tiny", "opt", hidden=64, layers=2, heads=4, ffn=256, vocab=1000, max_positions=64)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPTIMIZERS = {"mezo": MeZO, "hizoo": HiZOO, "helene": HELENE, "fzoo": FZOO}
-FORWARDS = {"mezo": 2, "hizoo": 3, "helene": 2, "fzoo": 9}  # FZOO: ℓ₀ + N = 8 one-sided probes
-PERTURBS = {"mezo": 2, "hizoo": 2, "helene": 2, "fzoo": 8}  # perturb passes a step makes besides its update
+OPTIMIZERS = {"mezo": MeZO, "hizoo": HiZOO, "helene": HELENE, "fzoo": FZOO, "zo-muon": ZOMuon,
+              "helene-muon": HELENEMuon}
+# FZOO: ℓ₀ + N = 8 one-sided probes; ZO-Muon, HELENE-Muon: ℓ₀ + N = 4
+FORWARDS = {"mezo": 2, "hizoo": 3, "helene": 2, "fzoo": 9, "zo-muon": 5, "helene-muon": 5}
+# perturb passes a step makes besides its update
+PERTURBS = {"mezo": 2, "hizoo": 2, "helene": 2, "fzoo": 8, "zo-muon": 4, "helene-muon": 4}
 # Variants with their own state dtype and master: "helene-lean" is HELENE's lightest configuration
 # (bf16 momentum and Hessian, updates applied to the bf16 weights in place), 20 B per parameter a step.
 VARIANTS = {"helene-lean": ("helene", {"state_dtype": "bf16", "master": False})}
@@ -107,6 +111,7 @@ def peak_bytes(device, fn, held=()) -> int:
 
 def held_tensors(model, opt=None) -> list[torch.Tensor]:
     state = [t for st in opt.shard_state.values() for t in st.values()] if opt is not None else []
+    state += list(getattr(opt, "subspace_momentum", {}).values())  # HELENE-Muon's M, kept apart from the shards
     return [*model.parameters(), *model.buffers(), *state]
 
 
@@ -162,6 +167,9 @@ def optimizer_pass(opt, kind: str):
     if isinstance(opt, FZOO):  # its step computes N coefficients itself
         coefs = [0.1] * opt.n_samples
         return lambda: opt._restore_and_update(coefs, {})
+    if isinstance(opt, ZOMuon):  # restore + P·NS(G) per matrix, the N one-sided coefficients given
+        coefs = [0.1] * opt.n_samples
+        return lambda: opt._restore_and_step(coefs)
     pgs = [0.5]
     losses = {"plus": [1.001], "minus": [0.999], "zero": 1.0, "proj_grads": pgs}
     scalars = opt._before_update(losses)

@@ -35,7 +35,7 @@ def test_tiny_bench_runs_and_writes_json(tmp_path):
     assert res["copy_bw"] > 0
     (m,) = res["models"]
     assert m["model"] == "tiny" and (m["batch"], m["seq"]) == (2, 32) and m["forward_ms"] > 0
-    assert set(m["steps"]) == {"mezo", "hizoo", "helene", "fzoo", "helene-lean", "official-mezo"}
+    assert set(m["steps"]) == {"mezo", "hizoo", "helene", "fzoo", "zo-muon", "helene-muon", "helene-lean", "official-mezo"}
     assert all(s["ms"] > 0 for s in m["steps"].values())
     names = [p["pass"] for p in m["passes"]]
     assert "helene update" in names and "official torch.normal perturb" in names

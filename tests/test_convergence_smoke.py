@@ -252,15 +252,20 @@ def test_run_ids_are_stable_and_a_task_revision_retires_old_runs(monkeypatch):
     assert ids["trec"] != "trec_k512_s13_lora_mezo_eps0.01_lr0.001_F2000_311539f3"  # revision 1's id
 
 
-@pytest.mark.parametrize("schedule", [{}, {"lr_schedule": "cosine"}])
-def test_interrupted_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_path, monkeypatch, schedule):
+@pytest.mark.parametrize("optimizer, schedule", [
+    ("fzoo", {}), ("fzoo", {"lr_schedule": "cosine"}),
+    # P resampled every 2 steps: the stop (after step 4) falls at a resample, so the resumed run projects M
+    ("helene-muon", {"lr_schedule": "cosine", "rank": 4, "resample_every": 2}),
+])
+def test_interrupted_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_path, monkeypatch, optimizer,
+                                                                            schedule):
     """A run stopped after its second checkpoint and started again ends with the same records as a run
     that was never stopped (timings aside), and leaves no checkpoint behind; an lr schedule continues."""
     monkeypatch.syspath_prepend(str(BENCH))
     import convergence_run as cr
 
     def cfg(out):
-        return cr.RunConfig(run_id="r", out=str(out), task="sst2-lmbff", k=4, seed=13, mode="lora", optimizer="fzoo",
+        return cr.RunConfig(run_id="r", out=str(out), task="sst2-lmbff", k=4, seed=13, mode="lora", optimizer=optimizer,
                             hp={"lr": 1e-2, "eps": 1e-3, "n_directions": 3, **schedule}, budget=24, eval_every=8,
                             batch_size=4,
                             model="tiny", test_limit=8, max_length=64, eval_batch_size=8, threads=1)

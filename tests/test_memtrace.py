@@ -12,7 +12,7 @@ import transformers
 
 from zo_scale.data import token_loss
 from zo_scale.memtrace import LiveTensorBytes, compare, planned_total, trace_memory
-from zo_scale.plan import GIB, MODELS
+from zo_scale.plan import GIB, MODELS, plan
 
 
 def test_live_bytes_counts_storages_once_and_releases_them():
@@ -110,6 +110,15 @@ def test_trace_counts_the_optimizer_state_it_allocates():
     helene = trace_memory("opt-125m", batch=1, seq=8, optimizer="helene", state_dtype="bf16", master=True)
     n = MODELS["opt-125m"].param_count()
     assert mezo.state == 0 and helene.state == n * (2 + 2 + 4)
+
+
+@pytest.mark.parametrize("optimizer", ["zo-muon", "helene-muon"])
+def test_subspace_optimizers_allocate_what_the_planner_counts(optimizer):
+    """ZO-Muon: no state at construction (P is drawn at the first step); HELENE-Muon: M (r×n per matrix)
+    and the vectors' momentum — the planner's state bytes on one process."""
+    traced = trace_memory("opt-125m", batch=1, seq=8, optimizer=optimizer, master=False)
+    planned = plan("opt-125m", 1, optimizer=optimizer, dtype="bf16", backend="replicated", master=False)
+    assert traced.state == planned.state_bytes and (traced.state > 0) == (optimizer == "helene-muon")
 
 
 def test_cli_prints_the_comparison_and_refuses_unknown_models():

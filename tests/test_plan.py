@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from zo_scale.plan import GIB, MODELS, PlanError, main, plan, read_config, resolve_model
+from zo_scale.plan import GIB, MODELS, PlanError, main, plan, read_config, resolve_model, subspace_state_numbers
 
 
 def test_parameter_counts_match_transformers():
@@ -123,3 +123,17 @@ def test_cli_runs_as_module():
     bad = subprocess.run([sys.executable, "-m", "zo_scale.plan", "--gpus", "8"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "say which model" in bad.stderr
+
+
+def test_subspace_optimizers_keep_rows_of_p_and_a_replicated_momentum():
+    """opt-1.3b, r = 64: per layer Σ r·n = 64·(4·2048 + 2048 + 8192), Σ m·r = 64·(4·2048 + 8192 + 2048);
+    embeddings (50272×2048) and positions (2050×2048) are matrices too."""
+    k = subspace_state_numbers(MODELS["opt-1.3b"], 64)
+    assert k["momentum"] == 64 * (24 * 18432 + 2 * 2048) and k["basis"] == 64 * (24 * 18432 + 50272 + 2050)
+    zm = plan("opt-1.3b", 1, optimizer="zo-muon", dtype="fp32", backend="replicated")
+    hm = plan("opt-1.3b", 4, optimizer="helene-muon", dtype="fp32", backend="fsdp2")
+    assert zm.parts["subspace bases: P rows (fp32)"] == 4 * k["basis"] and "optimizer state: M (replicated)" not in zm.parts
+    assert hm.parts["optimizer state: M (replicated)"] == 4 * k["momentum"]  # the same on 1 or 4 GPUs
+    assert hm.parts["optimizer state (fp32)"] == 4 * -(-k["vectors"] // 4)  # the vectors' momentum is sharded
+    assert zm.state_bytes == 0 and hm.state_bytes == 4 * k["momentum"] + 4 * -(-k["vectors"] // 4)
+    assert subspace_state_numbers(MODELS["opt-1.3b"], 4096)["basis"] > k["basis"]  # r = min(rank, m) per matrix

@@ -287,6 +287,7 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     (["--set", "optimizer.eps=3e38"], "eps must be in (0, "),  # once an fp32 overflow deep in the first step
     (["--set", "optimizer.lr=-1"], "lr must be finite and >= 0"),
     (["--set", 'optimizer={"name": "fzoo", "lr": 0.001, "n_directions": 1}'], "needs n_directions >= 2"),
+    (["--set", 'optimizer={"name": "zo-muon", "lr": 0.01, "rank": "64"}'], "optimizer.rank has the wrong type"),
 ])
 def test_bad_input_in_process(tmp_path, capsys, extra, expect):
     out = tmp_path / "run"
@@ -421,6 +422,18 @@ def test_fzoo_from_a_config(tmp_path):
     steps = step_records(out)
     assert [r["forward_passes"] for r in steps] == [4, 8, 12]
     assert all(r["sigma"] > 0 and r["loss"] == r["loss_zero"] and r["loss_minus"] is None for r in steps)
+
+
+@pytest.mark.parametrize("name, extra", [("zo-muon", ""), ("helene-muon", ', "beta1": 0.8, "resample_momentum": "reset"')])
+def test_zo_muon_from_a_config(tmp_path, name, extra):
+    """optimizer.name 'zo-muon' / 'helene-muon': N + 1 forwards a step, P's epoch (and HELENE-Muon's α) logged."""
+    out = tmp_path / "run"
+    opt = f'{{"name": "{name}", "lr": 0.01, "eps": 0.001, "n_directions": 2, "rank": 4, "resample_every": 2{extra}}}'
+    assert main(["--config", TINY_LLAMA, *_sets(out, f"optimizer={opt}", "train.steps=3", "eval.every=0")]) == 0
+    steps = step_records(out)
+    assert [r["forward_passes"] for r in steps] == [3, 6, 9] and [r["epoch"] for r in steps] == [0, 0, 1]
+    assert all(r["loss"] == r["loss_zero"] and r["loss_minus"] is None for r in steps)
+    assert all(("alpha" in r) == (name == "helene-muon") for r in steps)
 
 
 def test_candidate_cross_entropy_by_hand():

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = {"helene": "HELENE", "mezo": "MeZO", "hizoo": "HiZOO", "fzoo": "FZOO", "hizoo-l": "HiZOOL"}
+OPTIMIZERS = {"helene": "HELENE", "mezo": "MeZO", "hizoo": "HiZOO", "fzoo": "FZOO", "hizoo-l": "HiZOOL",
+              "zo-muon": "ZOMuon", "helene-muon": "HELENEMuon"}
 BACKENDS = ("none", "fsdp2", "deepspeed")
 PEFT_METHODS = ("lora", "prefix")
 # Optimizer arguments the trainer sets itself.
@@ -410,7 +411,7 @@ def _validate_optimizer(cfg: RunConfig) -> None:
     opt = cfg.optimizer
     name = opt.get("name")
     if not isinstance(name, str):
-        raise ConfigError("optimizer.name is missing (helene, mezo, hizoo or fzoo)")
+        raise ConfigError(f"optimizer.name is missing ({', '.join(OPTIMIZERS)})")
     if name.lower() not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}{_suggest(name.lower(), OPTIMIZERS)}")
     args = optimizer_arg_names(optimizer_class(name))

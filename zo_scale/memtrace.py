@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from zo_scale.plan import DTYPE_ALIASES, GIB, ModelShape, Plan, PlanError, plan, resolve_model
+from zo_scale.plan import DTYPE_ALIASES, GIB, P_DRAW, P_ROWS, ModelShape, Plan, PlanError, plan, resolve_model
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -115,12 +115,13 @@ def trace_memory(model, *, batch: int = 16, seq: int = 256, dtype: str = "bf16",
     labels on every token (the planner's worst case), as ``bench/step_bench.py`` runs it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from zo_scale import FZOO, HELENE, HiZOO, HiZOOL, MeZO
+    from zo_scale import FZOO, HELENE, HELENEMuon, HiZOO, HiZOOL, MeZO, ZOMuon
 
     shape = resolve_model(model)
     dtype = TORCH_DTYPES[DTYPE_ALIASES.get(dtype, dtype)]
     state = TORCH_DTYPES[DTYPE_ALIASES.get(state_dtype, state_dtype)]
-    optimizers = {"mezo": MeZO, "hizoo": HiZOO, "helene": HELENE, "fzoo": FZOO, "hizoo-l": HiZOOL}
+    optimizers = {"mezo": MeZO, "hizoo": HiZOO, "helene": HELENE, "fzoo": FZOO, "hizoo-l": HiZOOL, "zo-muon": ZOMuon,
+                  "helene-muon": HELENEMuon}
     with FakeTensorMode():
         net = build_model(shape, dtype, attention=attention)
         weights = sum(p.numel() * p.element_size() for p in net.parameters())
@@ -148,14 +149,16 @@ def compare(model, *, batch=16, seq=256, dtype="bf16", optimizer="helene", state
 
 
 def planned_total(p: Plan) -> int:
-    """The plan's bytes that a trace sees: all but the z chunk (the fused kernels keep z in registers)."""
-    return p.total_bytes - p.parts["z chunk (fp32)"]
+    """The plan's bytes that a trace sees: all but the z chunk (the fused kernels keep z in registers)
+    and ZO-Muon's bases (drawn at the first step, which a fake-tensor trace cannot take: z needs data)."""
+    return p.total_bytes - p.parts["z chunk (fp32)"] - p.parts.get(P_ROWS, 0) - p.parts.get(P_DRAW, 0)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zo_scale.memtrace", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a zo_scale.plan model name or a transformers config.json")
-    ap.add_argument("--optimizer", default="helene", choices=["mezo", "hizoo", "helene", "fzoo", "hizoo-l"])
+    ap.add_argument("--optimizer", default="helene", choices=["mezo", "hizoo", "helene", "fzoo", "hizoo-l", "zo-muon",
+                                                              "helene-muon"])
     ap.add_argument("--dtype", default="bf16", choices=list(TORCH_DTYPES))
     ap.add_argument("--state-dtype", default="fp32", choices=list(TORCH_DTYPES))
     ap.add_argument("--master", action=argparse.BooleanOptionalAction, default=None)

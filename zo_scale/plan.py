@@ -24,6 +24,10 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
 STATE_TENSORS = {"mezo": 0, "hizoo": 1, "helene": 2, "fzoo": 0}  # per-coordinate tensors each optimizer keeps
 STATE_TENSORS["hizoo-l"] = 0  # a full H for vectors only; R, C per matrix: see factored_state_numbers
+STATE_TENSORS["zo-muon"] = 0  # rows of P per matrix: see subspace_state_numbers
+STATE_TENSORS["helene-muon"] = 0  # ZO-Muon's plus a momentum: M (r×n) per matrix, a full one for vectors
+# ZO-Muon's bases: regenerated from the seed (never saved), drawn at the first step, not at construction
+P_ROWS, P_DRAW = "subspace bases: P rows (fp32)", "P draw + QR, U_i (per matrix)"
 BACKENDS = ("zero3", "fsdp2", "replicated")
 BACKEND_ALIASES = {"deepspeed": "zero3", "zero-3": "zero3", "ds": "zero3", "fsdp": "fsdp2", "ddp": "replicated",
                    "single": "replicated", "none": "replicated"}
@@ -114,6 +118,17 @@ def factored_state_numbers(shape: ModelShape) -> tuple[int, int, int]:
     1-D tensors — a full H, sharded; elements of the matrices)."""
     mats, vec = shape.matrices()
     return sum(m + n for m, n in mats), vec, sum(m * n for m, n in mats)
+
+
+def subspace_state_numbers(shape: ModelShape, rank: int) -> dict[str, int]:
+    """ZO-Muon / HELENE-Muon numbers, with r = min(rank, m) per matrix: ``basis`` Σ m·r (P, of which
+    a rank keeps the rows of its shard), ``momentum`` Σ r·n (HELENE-Muon's M, replicated), ``vectors``
+    (elements of 1-D tensors), ``qr`` max m·r (the whole P a rank draws and orthonormalises, one
+    matrix at a time) and ``factors`` max r·n (one matrix's U_i)."""
+    mats, vec = shape.matrices()
+    return dict(basis=sum(m * min(rank, m) for m, _ in mats), momentum=sum(min(rank, m) * n for m, n in mats),
+                vectors=vec, qr=max(m * min(rank, m) for m, _ in mats),
+                factors=max(min(rank, m) * n for m, n in mats))
 
 
 def _opt(name, h, layers, heads, ffn, proj=0):
@@ -229,6 +244,10 @@ class Plan:
         state = f"{STATE_TENSORS[self.optimizer]}×{self.state_dtype} state" if STATE_TENSORS[self.optimizer] else "no state"
         if self.optimizer == "hizoo-l":
             state = "factored H: fp32 R, C per matrix + full H of vectors"
+        if self.optimizer == "zo-muon":
+            state = "rows of P per matrix"
+        if self.optimizer == "helene-muon":
+            state = "rows of P, M (r×n) per matrix + momentum of vectors"
         lines = [
             f"zo_scale memory plan: {self.model} ({self.params / 1e9:.2f} B params), {self.dtype} weights, "
             f"{self.backend} on {self.gpus} GPU{'s' if self.gpus > 1 else ''}",
@@ -276,11 +295,14 @@ def plan(
     persistence_threshold: int = 100_000,
     attention: str = "eager",
     reserve_gib: float = 1.0,
+    rank: int = 64,
+    n_directions: int = 4,
 ) -> Plan:
     """Per-GPU bytes of a ZO run. ``batch`` is the micro-batch each GPU runs its forwards on;
     ``prefetch_bucket`` and ``persistence_threshold`` are ZeRO-3's stage3_* settings in elements;
     ``attention`` 'eager' materialises B·heads·S² scores, 'sdpa' (flash/memory-efficient) does not;
-    ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack."""
+    ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack; ``rank`` and
+    ``n_directions`` are ZO-Muon's / HELENE-Muon's r and N."""
     shape = resolve_model(model)
     gpus = _positive_int(gpus, "gpus")
     batch, seq = _positive_int(batch, "batch"), _positive_int(seq, "seq")
@@ -312,6 +334,9 @@ def plan(
         vec_shard = -(-vectors // gpus) if backend != "replicated" else vectors
         p.parts[f"optimizer state ({state_dtype})"] = 4 * factors + sb * vec_shard
         p.parts["factor sums (fp64, per step)"] = 8 * factors
+    if optimizer in ("zo-muon", "helene-muon"):
+        _subspace_parts(p, shape, _positive_int(rank, "rank"), _positive_int(n_directions, "n_directions"),
+                        sb, gpus if backend != "replicated" else 1)
     p.parts["fp32 master shard"] = 4 * shard if master else 0
     p.parts["z chunk (fp32)"] = 4 * min(chunk, shard)
     p.parts["runtime reserve"] = int(reserve_gib * GIB)
@@ -320,6 +345,20 @@ def plan(
     if not master and dtype != "fp32":
         p.notes.append("no master: updates below the weight dtype's resolution round away")
     return p
+
+
+def _subspace_parts(p: Plan, shape: ModelShape, rank: int, n_directions: int, sb: int, shards: int) -> None:
+    """ZO-Muon: each rank keeps the rows of P its shard touches (fp32; about 1/shards of them, plus
+    a cut row per matrix under ZeRO-3) and, one matrix at a time, draws the whole P (fp64 QR) and
+    the N factors U_i (fp32). HELENE-Muon adds M (fp32, replicated) and the vectors' momentum (sharded)."""
+    k = subspace_state_numbers(shape, rank)
+    mats, _ = shape.matrices()
+    p.parts[f"optimizer state ({p.state_dtype})"] = 0
+    p.parts[P_ROWS] = 4 * (-(-k["basis"] // shards) + (rank * len(mats) if shards > 1 else 0))
+    if p.optimizer == "helene-muon":
+        p.parts[f"optimizer state ({p.state_dtype})"] = sb * -(-k["vectors"] // shards)
+        p.parts["optimizer state: M (replicated)"] = 4 * k["momentum"]
+    p.parts[P_DRAW] = 8 * 2 * k["qr"] + 4 * n_directions * k["factors"]
 
 
 def _gathered(shape, backend, gpus, wb, bucket, persist, notes) -> int:
@@ -417,7 +456,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help=f"{', '.join(MODELS)} or a transformers config.json")
     ap.add_argument("--gpus", type=int, help="GPUs sharing the model (default 1)")
     ap.add_argument("--dtype", help="weight dtype: bf16 (default), fp16, fp32")
-    ap.add_argument("--optimizer", help="helene (default), hizoo, hizoo-l, mezo, fzoo")
+    ap.add_argument("--optimizer", help="helene (default), hizoo, hizoo-l, mezo, fzoo, zo-muon, helene-muon")
+    ap.add_argument("--rank", type=int, help="zo-muon / helene-muon subspace rank r (default 64)")
+    ap.add_argument("--n-directions", type=int, help="zo-muon / helene-muon probes per step N (default 4)")
     ap.add_argument("--batch", type=int, help="micro-batch per GPU (default 16)")
     ap.add_argument("--seq", type=int, help="sequence length (default 256)")
     ap.add_argument("--backend", help="zero3 (default), fsdp2, replicated")

@@ -19,7 +19,7 @@ FUSED_STEPS = 2  # steps through the Triton interpreter (slow on CPU)
 GLOBAL_BATCH = 6  # sequences; split evenly over 1, 2 or 3 ranks
 SEQ = 12
 LENGTHS = [12, 5, 9, 3, 11, 7]  # unequal token counts per rank: the weighted mean matters
-OPTIMIZERS = ("MeZO", "HiZOO", "HELENE", "FZOO")
+OPTIMIZERS = ("MeZO", "HiZOO", "HELENE", "FZOO", "ZOMuon", "HELENEMuon")
 ARCHS = ("opt", "llama")
 
 OPT_HPARAMS = {
@@ -27,6 +27,10 @@ OPT_HPARAMS = {
     "HiZOO": dict(lr=2e-3, eps=1e-3, hessian_smooth=1e-6),
     "HELENE": dict(lr=2e-3, eps=1e-3, anneal_horizon=4.0, clip_lambda=0.5),
     "FZOO": dict(lr=2e-3, eps=1e-3, n_directions=3, weight_decay=0.01),  # 4 forwards a step keeps CI short
+    # rank 8 (capped at m: temp is 1×3, P a 1×1 sign), P resampled at step 3 — after the resume at
+    # RESUME_AT = 2, so the resumed runs cross a resample; N = 2 (3 forwards a step) keeps CI short
+    "ZOMuon": dict(lr=2e-3, eps=1e-3, n_directions=2, rank=8, resample_every=3, lr_1d=2e-3, weight_decay=0.01),
+    "HELENEMuon": dict(lr=2e-3, eps=1e-3, n_directions=2, rank=8, resample_every=3, lr_1d=2e-3, anneal_horizon=4.0),
     # not in OPTIMIZERS (its own launches: test_hizoo_l_sharded.py); α large so the factors move
     "HiZOOL": dict(lr=2e-3, eps=1e-3, hessian_smooth=1e-3),
 }
@@ -121,9 +125,10 @@ def make_closure(model, rank: int, world: int, per_sequence: bool = True):
 
 
 def make_optimizer(name: str, model, **overrides):
-    from zo_scale.optim import FZOO, HELENE, HiZOO, HiZOOL, MeZO
+    from zo_scale.optim import FZOO, HELENE, HELENEMuon, HiZOO, HiZOOL, MeZO, ZOMuon
 
-    cls = {"MeZO": MeZO, "HiZOO": HiZOO, "HELENE": HELENE, "FZOO": FZOO, "HiZOOL": HiZOOL}[name]
+    cls = {"MeZO": MeZO, "HiZOO": HiZOO, "HELENE": HELENE, "FZOO": FZOO, "HiZOOL": HiZOOL, "ZOMuon": ZOMuon,
+           "HELENEMuon": HELENEMuon}[name]
     kw = dict(OPT_HPARAMS[name], seed=7)
     kw.update(overrides)
     return cls(model, **kw)

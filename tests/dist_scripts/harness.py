@@ -27,7 +27,7 @@ LAUNCHES = {
     2: "traj,layout,negative,coll,bf16,reload,ckpt_save,refuse,fsdp1",
     3: "traj,batched,layout,coll,bf16,ckpt_load,fused",
 }
-TIMEOUT_S = {1: 120, 2: 240, 3: 300}
+TIMEOUT_S = {1: 180, 2: 360, 3: 450}  # ZO-Muon and HELENE-Muon joined: +50 % of the checks
 
 _root: Path | None = None
 _results: dict[int, dict] = {}

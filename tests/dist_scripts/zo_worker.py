@@ -173,7 +173,7 @@ class Runner:
         self.rank, self.world, self.out, self.ckpt = rank, world, out, ckpt
         self.optimizers = tuple(optimizers)
         default = self.optimizers == common.OPTIMIZERS
-        self.bf16_optimizers = ("MeZO", "HELENE") if default else self.optimizers
+        self.bf16_optimizers = ("MeZO", "HELENE", "ZOMuon") if default else self.optimizers
         self.reload_optimizer = "HiZOO" if default else self.optimizers[0]
         self.results = {}
         self.timings = {}
