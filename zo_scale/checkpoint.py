@@ -2,7 +2,7 @@
 
 ``save_optimizer_state(opt, directory)`` writes, on every rank r,
 
-* ``optim_rank{r:05d}.pt``   — ``opt.state_dict()``: this rank's state tensors keyed by
+* ``optim_rank{r:05d}.pt``   — ``opt.flat_state_dict()``: this rank's state tensors keyed by
   (canonical parameter name, global flat range), plus step, seed and hyper-parameters;
 * ``optim_rank{r:05d}.json`` — the index: for every parameter the global range ``[start, end)``
   the file holds, and the world size / step / optimizer of the save.
@@ -13,11 +13,15 @@ index always points at a complete data file. After a barrier rank 0 deletes file
 
 ``load_optimizer_state(opt, directory)`` reads every index, checks they describe one complete
 save, opens (``torch.load(mmap=True)``: only the pages it copies are read) just the files whose
-ranges overlap this rank's shard views, and hands them to ``opt.load_state_dict`` which takes
+ranges overlap this rank's shard views, and hands them to ``opt.load_flat_state_dict`` which takes
 each local range from the pieces that cover it. A run saved with FSDP2 on 2 ranks resumes with
 ZeRO-3 on 3 ranks, or on one process, and vice versa: the layout is in global coordinates.
 Model weights are not part of this file (save them the way your engine does); with an fp32
 master the master is, and loading it overwrites the local weight shards with ``cast(master)``.
+
+This format works on every backend, DeepSpeed ZeRO-3 included. On a plain model, DDP or FSDP2 the
+state also has torch's layout (``opt.state_dict()``, DTensor state) for torch.distributed.checkpoint:
+see zo_scale/optim/state_dict.py.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def save_optimizer_state(opt, directory, *, barrier: bool = True) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     group = getattr(opt, "process_group", None)
     rank, world = _rank_world(group)
-    sd = opt.state_dict()
+    sd = opt.flat_state_dict()
     _atomic_write(directory / data_file(rank), lambda f: torch.save(sd, f))
     index = {
         "format": INDEX_FORMAT,
@@ -150,7 +154,7 @@ def load_optimizer_state(opt, directory) -> list[str]:
     backend = opt.backend
     backend.prepare_edit()  # loading a master rewrites the local shards: drop gathered copies first
     try:
-        opt.load_state_dict(pieces)
+        opt.load_flat_state_dict(pieces)
     finally:
         backend.finish_edit()
     return [idx["file"] for idx in chosen]

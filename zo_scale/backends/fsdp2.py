@@ -128,6 +128,20 @@ class FSDP2Backend(Backend):
             self._checks.append((fp, view))
         return views
 
+    dcp_native = True
+
+    def state_layout(self, view: ShardView, flat: torch.Tensor) -> torch.Tensor:
+        """A DTensor placed like the parameter (same mesh, placements, global shape and stride) whose
+        local tensor is ``flat`` in the shard's row shape; a parameter fully_shard does not manage
+        is replicated, so its state is shaped like it."""
+        from torch.distributed.tensor import DTensor
+
+        p = view.param
+        if not isinstance(p, DTensor):
+            return flat.view(view.global_shape)
+        local = flat.view(p._local_tensor.shape)
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
     def prepare_edit(self) -> None:
         self._reshard_all()
         for fp, view in self._checks:
