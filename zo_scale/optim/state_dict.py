@@ -37,7 +37,8 @@ TORCH_FORMAT = "zo_scale.optimizer.torch_layout.v1"
 
 
 def is_torch_layout(state_dict) -> bool:
-    return isinstance(state_dict, dict) and "param_groups" in state_dict and "state" in state_dict
+    # no "state" is possible: torch's full-state load drops it when no parameter has a tensor (MeZO)
+    return isinstance(state_dict, dict) and "param_groups" in state_dict
 
 
 def torch_state_dict(opt) -> dict:
@@ -74,7 +75,7 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
     for key, view in zip(keys, opt.views):
         if isinstance(key, str) and canonical_name(key) != view.name:
             raise ValueError(f"zo_scale: the checkpoint's parameter {key} stands where this model has {view.name}")
-        saved, live = state_dict["state"].get(key, {}), opt.state[view.param]
+        saved, live = state_dict.get("state", {}).get(key, {}), opt.state[view.param]
         missing = sorted(set(live) - set(saved))
         if missing:
             raise ValueError(
