@@ -18,6 +18,10 @@ What FSDP2 keeps (torch >= 2.6, read from ``_fully_shard/_fsdp_param.py``):
 
 Parameters of the model that no ``fully_shard`` call manages (plain tensors) are replicated:
 every rank holds and updates the whole tensor, as in :class:`~zo_scale.shards.ReplicatedBackend`.
+
+Optimizer state is kept flat like the local shard; ``state_layout`` shows each state tensor as a
+DTensor placed like its parameter (same memory), which is what torch.distributed.checkpoint saves
+and reshards (see zo_scale/optim/state_dict.py).
 """
 
 from __future__ import annotations
