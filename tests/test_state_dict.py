@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 import zo_scale
 from zo_scale.optim.base import STATE_FORMAT
@@ -39,6 +39,26 @@ def test_get_optimizer_state_dict_never_steps_the_optimizer(cls):
     assert sd["param_groups"][0]["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     set_optimizer_state_dict(model, opt, sd)
     assert opt.param_groups[0]["lr"] == 0.01 and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [zo_scale.MeZO, zo_scale.HELENE, zo_scale.HiZOOL])
+def test_flattened_optimizer_state_dict_round_trip(cls):
+    """torchtitan's StateDictOptions(flatten_optimizer_state_dict=True): torch rebuilds the state from the
+    live optimizer's state names and param_groups keys, zo_scale's step and seed included."""
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model = tiny(torch.bfloat16)
+    opt = cls(model, lr=0.01, seed=SEED)
+    opt.step(closure_for(model, torch.bfloat16))
+    flat = copy.deepcopy(get_optimizer_state_dict(model, opt, options=options))
+    assert flat["param_groups.0.weight.zo_counters"].tolist() == [1, opt.forward_passes]
+    saved_model = copy.deepcopy(model)
+    opt.step(closure_for(model, torch.bfloat16))
+    opt2 = cls(saved_model, lr=0.5, seed=SEED)
+    set_optimizer_state_dict(saved_model, opt2, flat, options=options)
+    assert opt2.step_count == 1 and opt2.param_groups[0]["lr"] == 0.01
+    opt2.step(closure_for(saved_model, torch.bfloat16))
+    for a, b in zip(model.parameters(), saved_model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_state_dict_keys_and_shared_tensors():

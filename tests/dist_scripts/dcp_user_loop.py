@@ -7,7 +7,8 @@ pytorch/examples ``distributed/FSDP2`` and torchtitan do (launched by tests/test
 
 ``save`` (2 ranks), per optimizer: ``get_optimizer_state_dict`` on a fresh optimizer (lr and grads
 afterwards); RESUME_AT steps; then four checkpoints of that point —
-  dsd          dcp.save of get_model_state_dict / get_optimizer_state_dict (torchtitan)
+  dsd          dcp.save of get_model_state_dict / get_optimizer_state_dict
+  titan        the same with StateDictOptions(flatten_optimizer_state_dict=True), as torchtitan saves
   plain        dcp.save of model.state_dict() / opt.state_dict()
   full_dcp     full state dicts from get_*_state_dict(full_state_dict=True, cpu_offload=True), torch.save
                on rank 0 (the example's Checkpointer with dcp_api=True)
@@ -59,7 +60,8 @@ OPTIMIZERS = {  # name -> (weights dtype, options): every kind of state, and non
     "MeZO": (torch.float32, dict(lr=1e-2, eps=1e-2)),
     "HiZOOL": (torch.float32, dict(lr=1e-2, eps=1e-2, hessian_smooth=1e-3)),
 }
-KINDS = ("dsd", "plain", "full_dcp", "full_dtensor")
+KINDS = ("dsd", "titan", "plain", "full_dcp", "full_dtensor")
+FLAT = {"dsd": StateDictOptions(), "titan": StateDictOptions(flatten_optimizer_state_dict=True)}
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
@@ -176,9 +178,9 @@ def save_phase(out: Path, rec: dict) -> None:
         for kind in KINDS:
             try:
                 path = out / f"{kind}_{name}"
-                if kind == "dsd":
-                    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                             checkpoint_id=path)
+                if kind in FLAT:
+                    dcp.save({"model": get_model_state_dict(model),
+                              "optim": get_optimizer_state_dict(model, opt, options=FLAT[kind])}, checkpoint_id=path)
                 elif kind == "plain":
                     dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=path)
                 else:
@@ -237,11 +239,11 @@ def resume(name: str, kind: str, out: Path, shard: bool = True) -> dict:
         model.load_state_dict({n: torch.nn.Parameter(distribute_tensor(t, live[n].device_mesh, live[n].placements))
                                for n, t in full.items()}, assign=True)
     opt = make_optimizer(name, model, lr_scale=10.0)
-    if kind == "dsd":
-        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    if kind in FLAT:
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=FLAT[kind])}
         dcp.load(sd, checkpoint_id=path)
         set_model_state_dict(model, sd["model"])
-        set_optimizer_state_dict(model, opt, sd["optim"])
+        set_optimizer_state_dict(model, opt, sd["optim"], options=FLAT[kind])
     elif kind == "plain":
         sd = {"model": model.state_dict(), "optim": opt.state_dict()}
         dcp.load(sd, checkpoint_id=path)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from zo_scale import rng
-from zo_scale.optim.state_dict import is_torch_layout, load_torch_state_dict, torch_state_dict
+from zo_scale.optim.state_dict import GROUP_KEYS, is_torch_layout, load_torch_state_dict, name_group, torch_state_dict
 from zo_scale.optim.updates import combined_direction
 from zo_scale.shards import ShardView, detect_backend, fill_from_slices
 
@@ -385,8 +385,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         return {name: self.backend.state_layout(view, t) for name, t in self.shard_state[view.name].items()}
 
     def _expose_state(self) -> None:
+        """What torch-style code reads: ``self.state[param]`` and the ``zo_*`` entries of the group."""
         for v in self.views:
             self.state[v.param] = self._param_state(v)
+        name_group(self)
 
     def state_dict(self) -> dict:
         """torch's layout (``state`` / ``param_groups``, DTensor state on FSDP2) where the backend has
@@ -404,7 +406,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def flat_state_dict(self) -> dict:
         """This rank's state (copies), keyed by (parameter name, global flat range)."""
-        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params" and k not in GROUP_KEYS}
         return {
             "format": STATE_FORMAT,
             "optimizer": type(self).__name__,

@@ -15,8 +15,11 @@ checkpoint code expect from an optimizer.
   names a parameter has: ``master`` (fp32 copy of low-precision weights), then the optimizer's own
   (HELENE ``momentum``, ``hessian``; HiZOO ``hessian``; HiZOO-L ``hessian_rows``/``hessian_cols``,
   whole on every rank, for factored tensors). MeZO and FZOO without a master keep none.
-* ``zo_counters`` is a 1-D tensor on the parameters' device, so every ZO optimizer carries a tensor:
-  torch's full-state load (``set_optimizer_state_dict(full_state_dict=True)``) takes its device from one.
+* the ``zo_*`` entries are in the live ``opt.param_groups[0]`` too: torch rebuilds a flattened state
+  dict (``StateDictOptions(flatten_optimizer_state_dict=True)``, as torchtitan saves) from the live
+  group's keys. ``zo_counters`` there is None until ``state_dict()`` writes it: a 1-D tensor on the
+  parameters' device, so every ZO optimizer's state dict carries a tensor, which torch's full-state
+  load (``set_optimizer_state_dict(full_state_dict=True)``) takes its device from.
 * ``opt.state`` is filled from construction on. torch's ``_init_optim_state`` (run by
   ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``) steps an optimizer whose state is empty
   with zero grads and lr 0; a ZO optimizer is never stepped that way.
@@ -34,6 +37,7 @@ import torch
 from zo_scale.shards import ShardView, canonical_name
 
 TORCH_FORMAT = "zo_scale.optimizer.torch_layout.v1"
+GROUP_KEYS = ("zo_format", "zo_optimizer", "zo_seed", "zo_counters")  # zo_scale's entries in param_groups[0]
 
 
 def is_torch_layout(state_dict) -> bool:
@@ -41,15 +45,21 @@ def is_torch_layout(state_dict) -> bool:
     return isinstance(state_dict, dict) and "param_groups" in state_dict
 
 
+def name_group(opt) -> None:
+    """Give the live ``param_groups[0]`` zo_scale's entries (at construction): torch rebuilds a flattened
+    optimizer state dict from the live group's keys. ``zo_counters`` stays None until ``state_dict()``
+    writes the counts there (the live count is ``opt.step_count``): no tensor is allocated before."""
+    opt.param_groups[0].update(zo_format=TORCH_FORMAT, zo_optimizer=type(opt).__name__, zo_seed=opt.seed,
+                               zo_counters=None)
+
+
 def torch_state_dict(opt) -> dict:
     """``opt.state_dict()`` in torch's layout (see the module docstring)."""
+    device = opt.views[0].local.device
+    opt.param_groups[0]["zo_counters"] = torch.tensor([opt.step_count, opt.forward_passes], dtype=torch.int64, device=device)
     sd = torch.optim.Optimizer.state_dict(opt)  # torch's packing of opt.state and param_groups, hooks included
     # callers replace entries of these dicts (the FSDP2 example's Checkpointer does): not opt.state's own
     sd["state"] = {key: dict(entry) for key, entry in sd["state"].items()}
-    counters = torch.tensor([opt.step_count, opt.forward_passes], dtype=torch.int64, device=opt.views[0].local.device)
-    sd["param_groups"][0].update(
-        zo_format=TORCH_FORMAT, zo_optimizer=type(opt).__name__, zo_seed=opt.seed, zo_counters=counters
-    )
     return sd
 
 
@@ -60,15 +70,18 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
     groups = state_dict["param_groups"]
     if len(groups) != 1:
         raise ValueError(f"zo_scale: a ZO optimizer has one param group, the state_dict has {len(groups)}")
-    group = dict(groups[0])
+    group = {k: v for k, v in groups[0].items() if k not in GROUP_KEYS}
+    saved_group = groups[0]
     keys = group.pop("params")
-    fmt, name = group.pop("zo_format", None), group.pop("zo_optimizer", None)
+    fmt, name = saved_group.get("zo_format"), saved_group.get("zo_optimizer")
     if fmt != TORCH_FORMAT or name != type(opt).__name__:
         raise ValueError(f"zo_scale: cannot load a {name!r} state ({fmt!r}) into {type(opt).__name__}")
-    seed = group.pop("zo_seed")
+    seed = saved_group["zo_seed"]
     if seed != opt.seed:
         raise ValueError(f"zo_scale: checkpoint seed {seed} differs from optimizer seed {opt.seed}")
-    step, forward_passes = (int(x) for x in torch.as_tensor(group.pop("zo_counters")).tolist())
+    if saved_group["zo_counters"] is None:
+        raise ValueError("zo_scale: the state_dict has no step counters (zo_counters): not made by opt.state_dict()")
+    step, forward_passes = (int(x) for x in torch.as_tensor(saved_group["zo_counters"]).tolist())
     if len(keys) != len(opt.views):
         raise ValueError(f"zo_scale: the checkpoint has state for {len(keys)} parameters, this optimizer {len(opt.views)}")
     entries = []
