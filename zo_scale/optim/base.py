@@ -391,8 +391,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         name_group(self)
 
     def state_dict(self) -> dict:
-        """torch's layout (``state`` / ``param_groups``, DTensor state on FSDP2) where the backend has
-        one, else (ZeRO-3, FSDP1) the flat-range format of :meth:`flat_state_dict`."""
+        """torch's layout (``state`` / ``param_groups``, DTensor state on FSDP2; the optimizer's own
+        tensors, as torch optimizers return theirs) where the backend has one, else (ZeRO-3, FSDP1) the
+        flat-range format of :meth:`flat_state_dict`."""
         if self.backend.dcp_native:
             return torch_state_dict(self)
         return self.flat_state_dict()
@@ -458,7 +459,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
 
 # A flat-range piece holds the ranges its rank saved. dcp.save keeps ONE copy of a plain tensor that
-# every rank saves under the same key, so a flat-range state saved through DCP holds rank 0's only.
+# every rank saves under the same key, so a flat-range state saved through DCP holds one rank's only.
 _MISSING_PIECES = (
     "pieces of other ranks are missing: pass every rank's state (zo_scale.checkpoint.load_optimizer_state "
     "does); through torch.distributed.checkpoint, which keeps one rank's copy of plain tensors, save "
