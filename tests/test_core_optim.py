@@ -327,7 +327,7 @@ def test_load_state_dict_assembles_ranges_from_pieces():
     model, (x, y) = TinyNet(torch.float32), batch(torch.float32)
     opt = zo_scale.HELENE(model, lr=0.01, seed=SEED)
     run_steps(opt, model, 2, x, y)
-    full = opt.state_dict()
+    full = opt.flat_state_dict()
     pieces = split_into_two_ranks(full)
     opt2 = zo_scale.HELENE(copy.deepcopy(model), lr=0.01, seed=SEED)
     opt2.load_state_dict(pieces)

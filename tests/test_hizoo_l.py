@@ -264,7 +264,7 @@ def test_load_from_pieces_of_another_layout():
     model, (x, y) = Net(torch.bfloat16), batch(torch.bfloat16)
     opt = zo_scale.HiZOOL(model, lr=0.01, seed=SEED, hessian_smooth=1e-2)
     run_steps(opt, model, 2, x, y)
-    full = opt.state_dict()
+    full = opt.flat_state_dict()
     pieces = split_into_two_ranks(full)
     opt2 = zo_scale.HiZOOL(copy.deepcopy(model), lr=0.01, seed=SEED, hessian_smooth=1e-2)
     opt2.load_state_dict(pieces)

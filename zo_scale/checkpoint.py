@@ -2,7 +2,7 @@
 
 ``save_optimizer_state(opt, directory)`` writes, on every rank r,
 
-* ``optim_rank{r:05d}.pt``   — ``opt.state_dict()``: this rank's state tensors keyed by
+* ``optim_rank{r:05d}.pt``   — ``opt.flat_state_dict()``: this rank's state tensors keyed by
   (canonical parameter name, global flat range), plus step, seed and hyper-parameters;
 * ``optim_rank{r:05d}.json`` — the index: for every parameter the global range ``[start, end)``
   the file holds, and the world size / step / optimizer of the save.
@@ -13,7 +13,7 @@ index always points at a complete data file. After a barrier rank 0 deletes file
 
 ``load_optimizer_state(opt, directory)`` reads every index, checks they describe one complete
 save, opens (``torch.load(mmap=True)``: only the pages it copies are read) just the files whose
-ranges overlap this rank's shard views, and hands them to ``opt.load_state_dict`` which takes
+ranges overlap this rank's shard views, and hands them to ``opt.load_flat_state_dict`` which takes
 each local range from the pieces that cover it. A run saved with FSDP2 on 2 ranks resumes with
 ZeRO-3 on 3 ranks, or on one process, and vice versa: the layout is in global coordinates.
 Model weights are not part of this file (save them the way your engine does); with an fp32
@@ -21,6 +21,10 @@ master the master is, and loading it overwrites the local weight shards with ``c
 ``save_optimizer_state(..., weights=True)`` also stores each local weight shard (tensor
 ``shard_weight``, same global-range layout) for engines that save no weights of their own (a
 ZeRO-3 engine without a DeepSpeed optimizer); loading restores them wherever a file has them.
+
+This format works on every backend, DeepSpeed ZeRO-3 included. On a plain model, DDP or FSDP2 the
+state also has torch's layout (``opt.state_dict()``, DTensor state) for torch.distributed.checkpoint:
+see zo_scale/optim/state_dict.py.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def save_optimizer_state(opt, directory, *, barrier: bool = True, weights: bool 
     directory.mkdir(parents=True, exist_ok=True)
     group = getattr(opt, "process_group", None)
     rank, world = _rank_world(group)
-    sd = opt.state_dict()
+    sd = opt.flat_state_dict()
     if weights:
         for v in opt.views:
             sd["shards"][v.name]["tensors"][WEIGHT] = v.local.detach().clone()
@@ -161,7 +165,7 @@ def load_optimizer_state(opt, directory) -> list[str]:
     backend.prepare_edit()  # loading a master rewrites the local shards: drop gathered copies first
     try:
         _load_weights(opt, pieces)
-        opt.load_state_dict(pieces)
+        opt.load_flat_state_dict(pieces)
     finally:
         backend.finish_edit()
     return [idx["file"] for idx in chosen]

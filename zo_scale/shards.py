@@ -76,6 +76,17 @@ class Backend:
     def eval_module(self) -> torch.nn.Module:
         return self.module
 
+    # Whether ``state_layout`` gives each state tensor its parameter's own layout (a DTensor for a
+    # sharded parameter, the parameter's shape for a replicated one), so the optimizer state_dict can
+    # take torch's layout and torch.distributed.checkpoint can reshard it. ZeRO-3 partitions (flat, may
+    # start mid-row) and FSDP1 flat parameters have no such layout: they keep the flat-range format.
+    dcp_native = False
+
+    def state_layout(self, view: ShardView, flat: torch.Tensor) -> torch.Tensor:
+        """A per-element state tensor (flat, like ``view.local``) laid out like its parameter on this
+        rank, sharing ``flat``'s memory. The base form is the flat shard itself."""
+        return flat
+
     def loss_device(self) -> torch.device:
         """Where the scalar all-reduce tensor lives (gloo: CPU; nccl: the current GPU)."""
         import torch.distributed as dist
@@ -112,13 +123,19 @@ class ReplicatedBackend(Backend):
             views.append(ShardView(name, p, p.data.view(-1), 0, p.shape))
         return views
 
+    dcp_native = True
 
-def fill_from_slices(dest: torch.Tensor, view: ShardView, slices, what: str) -> None:
+    def state_layout(self, view: ShardView, flat: torch.Tensor) -> torch.Tensor:
+        return flat.view(view.global_shape)  # every rank holds the whole tensor
+
+
+def fill_from_slices(dest: torch.Tensor, view: ShardView, slices, what: str, hint: str = "") -> None:
     """Copy ``view``'s global range into ``dest`` (shaped like ``view.local``) out of saved slices
     ``(start, global_numel, tensor)`` of the same parameter, saved on any world size or backend.
 
     Replicated parameters (a plain module on several ranks, the prefix encoder FSDP2 leaves unsharded)
     are saved whole by every rank: overlapping slices hold the same values, so coverage is their union.
+    ``hint`` (the likely cause) ends the error when the slices do not cover ``view``.
     """
     spans = []
     for start, global_numel, tensor in slices:
@@ -133,4 +150,9 @@ def fill_from_slices(dest: torch.Tensor, view: ShardView, slices, what: str) -> 
         covered += max(0, hi - max(lo, reach))
         reach = max(reach, hi)
     if covered != view.numel:
-        raise ValueError(f"zo_scale: checkpoint covers {covered} of {view.numel} local elements of {what}")
+        held = ", ".join(f"[{start}, {start + t.numel()})" for start, _, t in slices[:4]) or "none of it"
+        more = f" and {len(slices) - 4} more" if len(slices) > 4 else ""
+        raise ValueError(
+            f"zo_scale: checkpoint covers {covered} of {view.numel} local elements of {what}: this rank needs "
+            f"[{view.start}, {view.end}), the checkpoint holds {held}{more}" + (f"; {hint}" if hint else "")
+        )

@@ -360,7 +360,7 @@ class Runner:
             opt = common.make_optimizer(self.reload_optimizer, model)
             closure = self.closure(model)
             run_steps(opt, closure, 2)
-            sd = opt.state_dict()
+            sd = opt.flat_state_dict()  # copies (state_dict() holds the live tensors, as torch's does)
             first = run_steps(opt, closure, 2)
             with torch.no_grad():  # an evaluation forward: gathers (and ZeRO-3/FSDP2 root keep) the weights
                 closure()

@@ -18,6 +18,10 @@ What FSDP2 keeps (torch >= 2.6, read from ``_fully_shard/_fsdp_param.py``):
 
 Parameters of the model that no ``fully_shard`` call manages (plain tensors) are replicated:
 every rank holds and updates the whole tensor, as in :class:`~zo_scale.shards.ReplicatedBackend`.
+
+Optimizer state is kept flat like the local shard; ``state_layout`` shows each state tensor as a
+DTensor placed like its parameter (same memory), which is what torch.distributed.checkpoint saves
+and reshards (see zo_scale/optim/state_dict.py).
 """
 
 from __future__ import annotations
@@ -127,6 +131,20 @@ class FSDP2Backend(Backend):
             views.append(view)
             self._checks.append((fp, view))
         return views
+
+    dcp_native = True
+
+    def state_layout(self, view: ShardView, flat: torch.Tensor) -> torch.Tensor:
+        """A DTensor placed like the parameter (same mesh, placements, global shape and stride) whose
+        local tensor is ``flat`` in the shard's row shape; a parameter fully_shard does not manage
+        is replicated, so its state is shaped like it."""
+        from torch.distributed.tensor import DTensor
+
+        p = view.param
+        if not isinstance(p, DTensor):
+            return flat.view(view.global_shape)
+        local = flat.view(p._local_tensor.shape)
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
     def prepare_edit(self) -> None:
         self._reshard_all()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from zo_scale import rng
 from zo_scale.backends import detect as detect_backend
 from zo_scale.optim.loss_precision import LossResolution
+from zo_scale.optim.state_dict import GROUP_KEYS, is_torch_layout, load_torch_state_dict, name_group, torch_state_dict
 from zo_scale.optim.updates import combined_direction
 from zo_scale.shards import ShardView, fill_from_slices
 
@@ -147,6 +148,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if t is not None:  # None: this view keeps that state in another form (HiZOO-L's factors)
                     st[sname] = t
             self.shard_state[v.name] = st
+        self._expose_state()
         self.backend.attach(self)
 
     @classmethod
@@ -417,10 +419,39 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.param_groups[0].get("decay_1d", False) or len(view.global_shape) >= 2
 
     # ------------------------------------------------------------------ checkpoints
+    # Two layouts (see zo_scale/optim/state_dict.py): torch's, for DCP and torch-style code, where the
+    # backend can lay state out like its parameters; and the flat-range one, on every backend.
+
+    layout_options = ("master_weights",)  # options that change which state tensors a parameter has
+
+    def _param_state(self, view: ShardView) -> dict[str, torch.Tensor]:
+        """torch's ``state[param]``: this parameter's state tensors laid out like it (views, no copies)."""
+        return {name: self.backend.state_layout(view, t) for name, t in self.shard_state[view.name].items()}
+
+    def _expose_state(self) -> None:
+        """What torch-style code reads: ``self.state[param]`` and the ``zo_*`` entries of the group."""
+        for v in self.views:
+            self.state[v.param] = self._param_state(v)
+        name_group(self)
 
     def state_dict(self) -> dict:
-        """This rank's state, keyed by (parameter name, global flat range)."""
-        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        """torch's layout (``state`` / ``param_groups``, DTensor state on FSDP2; the optimizer's own
+        tensors, as torch optimizers return theirs) where the backend has one, else (ZeRO-3, FSDP1) the
+        flat-range format of :meth:`flat_state_dict`."""
+        if self.backend.dcp_native:
+            return torch_state_dict(self)
+        return self.flat_state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load either layout (a list of flat-range pieces too), saved on any world size or backend."""
+        if is_torch_layout(state_dict):
+            load_torch_state_dict(self, state_dict)
+        else:
+            self.load_flat_state_dict(state_dict)
+
+    def flat_state_dict(self) -> dict:
+        """This rank's state (copies), keyed by (parameter name, global flat range)."""
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params" and k not in GROUP_KEYS}
         return {
             "format": STATE_FORMAT,
             "optimizer": type(self).__name__,
@@ -439,8 +470,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             },
         }
 
-    def load_state_dict(self, state_dict) -> None:
-        """Load state saved by this optimizer on any world size or backend.
+    def load_flat_state_dict(self, state_dict) -> None:
+        """Load flat-range state saved by this optimizer on any world size or backend.
 
         Accepts one state dict or a list of them (one per saving rank); each local view takes
         its global range from whichever pieces overlap it and checks it is fully covered.
@@ -460,6 +491,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         for v in self.views:
             for sname, dest in self.shard_state[v.name].items():
                 _fill_from_pieces(dest, v, sname, pieces)
+        self._after_state_load()
+
+    def _after_state_load(self) -> None:
         if self.master_weights:  # weights must equal cast(master) for the restore to stay exact
             self.backend.prepare_edit()  # ZeRO-3 / FSDP2 may hold gathered copies that would hide it
             for v in self.views:
@@ -468,7 +502,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._offset = 0
 
 
+# A flat-range piece holds the ranges its rank saved. dcp.save keeps ONE copy of a plain tensor that
+# every rank saves under the same key, so a flat-range state saved through DCP holds one rank's only.
+_MISSING_PIECES = (
+    "pieces of other ranks are missing: pass every rank's state (zo_scale.checkpoint.load_optimizer_state "
+    "does); through torch.distributed.checkpoint, which keeps one rank's copy of plain tensors, save "
+    "opt.state_dict() of an FSDP2 or plain model (DTensor state) instead of a flat-range state"
+)
+
+
 def _fill_from_pieces(dest: torch.Tensor, view: ShardView, sname: str, pieces: list[dict]) -> None:
     entries = (sd["shards"].get(view.name) for sd in pieces)
     slices = [(e["start"], e["global_numel"], e["tensors"][sname]) for e in entries if e and sname in e["tensors"]]
-    fill_from_slices(dest, view, slices, f"{view.name}/{sname}")
+    fill_from_slices(dest, view, slices, f"{view.name}/{sname}", hint=_MISSING_PIECES)

@@ -75,10 +75,11 @@ class HiZOOL(HiZOO):
         if isinstance(factored_min_dim, bool) or not isinstance(factored_min_dim, int) or factored_min_dim < 1:
             raise ValueError(f"zo_scale: HiZOOL factored_min_dim must be an integer >= 1, got {factored_min_dim!r}")
         self._factored_min_dim = factored_min_dim  # needed by _init_state, called from the base constructor
+        # R, C per factored tensor (replicated; updated in place, opt.state shows them), filled below
+        self.factors: dict[str, dict[str, torch.Tensor]] = {}
         super().__init__(model, factored_min_dim=factored_min_dim, **kwargs)
         fdtype = self.state_dtype if self.state_dtype in FULL_PRECISION else torch.float32
-        # R, C per factored tensor (replicated), and the layout of the step's fp64 sum buffer
-        self.factors: dict[str, dict[str, torch.Tensor]] = {}
+        # and the layout of the step's fp64 sum buffer
         self._layout: dict[str, tuple[int, int, int]] = {}  # name -> (offset, rows, cols)
         offset = 0
         for v in self.views:
@@ -99,6 +100,7 @@ class HiZOOL(HiZOO):
         self._reduced: torch.Tensor | None = None
         self._next: dict[str, dict[str, torch.Tensor]] | None = None  # factors after this step's update
         self._collecting = False
+        self._expose_state()  # again, now with the factors
 
     # ------------------------------------------------------------------ layout
 
@@ -207,16 +209,36 @@ class HiZOOL(HiZOO):
 
     def _restore_and_update(self, pgs, scalars):
         out = super()._restore_and_update(pgs, scalars)  # restores along the old H, steps with the new
-        self.factors, self._next = self._next, None
+        for name, f in self.factors.items():  # in place: opt.state and state_dict() hold these tensors
+            nxt = self._next[name]
+            f["rows"].copy_(nxt["rows"])
+            f["cols"].copy_(nxt["cols"])
+            f["inv"] = nxt["inv"]
+        self._next = None
         return out
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict:
+    layout_options = ("master_weights", "factored_min_dim")
+
+    def _param_state(self, view):
+        st = super()._param_state(view)
+        f = self.factors.get(view.name)
+        if f is not None:  # whole on every rank, plain tensors in either layout
+            st.update(hessian_rows=f["rows"], hessian_cols=f["cols"])
+        return st
+
+    def _after_state_load(self) -> None:
+        super()._after_state_load()
+        for f in self.factors.values():
+            self._with_inverse(f)
+        self._sums = self._reduced = self._next = None
+
+    def flat_state_dict(self) -> dict:
         """The base state (full H of unfactored tensors, master, by global range) plus every
         factored tensor's R and C — whole and identical on every rank, so any rank's file serves
         any world size."""
-        sd = super().state_dict()
+        sd = super().flat_state_dict()
         sd["factors"] = {
             name: {"shape": [m, n], "rows": self.factors[name]["rows"].detach().clone(),
                    "cols": self.factors[name]["cols"].detach().clone()}
@@ -224,7 +246,7 @@ class HiZOOL(HiZOO):
         }
         return sd
 
-    def load_state_dict(self, state_dict) -> None:
+    def load_flat_state_dict(self, state_dict) -> None:
         pieces = state_dict if isinstance(state_dict, (list, tuple)) else [state_dict]
         saved = pieces[0].get("factors")
         if saved is None:
@@ -235,9 +257,8 @@ class HiZOOL(HiZOO):
         for name, (_, m, n) in self._layout.items():
             if list(saved[name]["shape"]) != [m, n]:
                 raise ValueError(f"zo_scale: {name} is factored as {m}x{n} here, {saved[name]['shape']} in the checkpoint")
-        super().load_state_dict(state_dict)
+        super().load_flat_state_dict(state_dict)
         for name, f in self.factors.items():
             f["rows"].copy_(saved[name]["rows"])
             f["cols"].copy_(saved[name]["cols"])
             self._with_inverse(f)
-        self._sums = self._reduced = self._next = None
