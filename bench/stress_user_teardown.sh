@@ -3,18 +3,19 @@
 # process group) many times beside a CPU-bound job, and count the launches in which a rank aborted at
 # exit ("terminate called without an active exception", SIGABRT).
 #
-#   bench/stress_user_teardown.sh [-n RUNS] [-C CHECKOUT] [-o LOGDIR] [SCRIPT_ARGS...]
+#   bench/stress_user_teardown.sh [-n RUNS] [-L HOGS] [-C CHECKOUT] [-o LOGDIR] [SCRIPT_ARGS...]
 #
-# RUNS (default 20) launches of `torchrun --nproc_per_node 2` each beside one `yes > /dev/null` (the abort
-# needs a gloo worker thread descheduled at the wrong moment). CHECKOUT (default: this one) is the zo_scale
+# RUNS (default 20) launches of `torchrun --nproc_per_node 2`, each beside HOGS (default 1) `yes > /dev/null`
+# CPU hogs (the abort needs a gloo worker thread descheduled at the wrong moment; -L 0: none). CHECKOUT (default: this one) is the zo_scale
 # imported by the script, so the same script measures another commit: git archive REV | tar -x -C DIR.
 # Every launch's output is kept in LOGDIR; the last line is the count.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-RUNS=20 CHECKOUT=$HERE LOGDIR=$(mktemp -d /tmp/zo_user_stress.XXXXXX)
-while getopts "n:C:o:" opt; do
+RUNS=20 HOGS=1 CHECKOUT=$HERE LOGDIR=$(mktemp -d /tmp/zo_user_stress.XXXXXX)
+while getopts "n:L:C:o:" opt; do
     case $opt in
         n) RUNS=$OPTARG ;;
+        L) HOGS=$OPTARG ;;
         C) CHECKOUT=$(cd "$OPTARG" && pwd) ;;
         o) LOGDIR=$OPTARG ;;
         *) exit 2 ;;
@@ -24,9 +25,12 @@ shift $((OPTIND - 1))
 TORCHRUN=${TORCHRUN:-torchrun}
 mkdir -p "$LOGDIR"
 
-yes > /dev/null &
-LOAD=$!
-trap 'kill $LOAD 2>/dev/null' EXIT
+LOAD=()
+for _ in $(seq 1 "$HOGS"); do
+    yes > /dev/null &
+    LOAD+=($!)
+done
+trap '[ ${#LOAD[@]} -eq 0 ] || kill "${LOAD[@]}" 2>/dev/null' EXIT
 
 aborted=0 failed=0 start=$SECONDS
 for i in $(seq 1 "$RUNS"); do
