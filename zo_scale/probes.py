@@ -111,8 +111,8 @@ def _split(name: str, args, kwargs, groups: int) -> list[tuple]:
     leaves, spec = tree_flatten((args, kwargs))
     per_group = [list(leaves) for _ in range(groups)]
     for i, x in enumerate(leaves):
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.size(0) == 1:
-            continue  # shared by every group (a broadcast row, a flag)
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            continue  # shared by every group
         if x.size(0) % groups:
             raise ValueError(
                 f"zo_scale: batched probes: module {name!r} got a tensor of {x.size(0)} rows, not a multiple of "

@@ -60,6 +60,8 @@ class TinyLM(torch.nn.Module):
         return self.scale(self.lm(input_ids=input_ids, attention_mask=attention_mask).logits)
 
     def layers(self):
+        if hasattr(self.lm, "roberta"):
+            return self.lm.roberta.encoder.layer
         return self.lm.model.decoder.layers if hasattr(self.lm.model, "decoder") else self.lm.model.layers
 
 
@@ -78,6 +80,20 @@ def build_model(arch: str, dtype=torch.float32, seed: int = 0) -> TinyLM:
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           tie_word_embeddings=False, pad_token_id=0)
         lm = LlamaForCausalLM(cfg)
+    elif arch == "gemma":  # tied embeddings, (1 + w) RMSNorm, scaled embedding
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        cfg = GemmaConfig(vocab_size=127, hidden_size=40, intermediate_size=77, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=10, max_position_embeddings=64,
+                          pad_token_id=0)
+        lm = GemmaForCausalLM(cfg)
+    elif arch == "roberta":  # encoder; the MLM decoder's weight and bias tied (bias held by a container)
+        from transformers import RobertaConfig, RobertaForMaskedLM
+
+        cfg = RobertaConfig(vocab_size=127, hidden_size=40, intermediate_size=77, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, pad_token_id=1)
+        lm = RobertaForMaskedLM(cfg)
     else:
         raise ValueError(arch)
     model = TinyLM(lm)

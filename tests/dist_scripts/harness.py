@@ -23,11 +23,11 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "zo_worker.py"
 
 LAUNCHES = {
-    1: "ref,batched,fused",
-    2: "traj,layout,negative,coll,bf16,reload,ckpt_save,refuse,fsdp1",
-    3: "traj,batched,layout,coll,bf16,ckpt_load,fused",
+    1: "ref,batched,probes,fused",
+    2: "traj,probes,layout,negative,coll,bf16,reload,ckpt_save,refuse,fsdp1",
+    3: "traj,batched,probes,layout,coll,bf16,ckpt_load,fused",
 }
-TIMEOUT_S = {1: 120, 2: 240, 3: 300}
+TIMEOUT_S = {1: 180, 2: 360, 3: 420}  # the probes check adds ~30 / 60 / 80 s unloaded
 
 _root: Path | None = None
 _results: dict[int, dict] = {}
