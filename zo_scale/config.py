@@ -320,6 +320,9 @@ def validate(cfg: RunConfig) -> None:
             cfg.optimizer.get("hessian_scale", "loss") == "loss":
         raise ConfigError("task.objective 'accuracy' gives negative losses; HELENE's hessian_scale 'loss' needs "
                           "a positive loss: set optimizer.hessian_scale to a number")
+    if cfg.optimizer.get("batched_probes") and cfg.task.objective != "loss":
+        raise ConfigError(f"optimizer.batched_probes needs task.objective 'loss' (the {cfg.task.objective!r} objective "
+                          "scores candidates in several forwards, not one per probe group)")
 
 
 def _positive(name: str, value: int, zero_ok: bool = False) -> None:
