@@ -199,3 +199,20 @@ def test_sharded_batched_matches_sequential_reference(name, arch, backend, world
 def test_plain_batched_matches_sequential(name, arch):
     ref = harness.reference()
     _assert_close(ref[("traj", name, arch, "plain")]["losses"], ref[("probes", name, arch, "plain")]["losses"])
+
+
+@pytest.mark.parametrize("name", ["FZOO", "HiZOO"])
+def test_fused_kernel_builds_the_same_group_weights(name, monkeypatch):
+    """Where the fused kernels run (CUDA; here Triton's CPU interpreter), a group's weights are built by
+    kernels.perturb_ (z in the kernel), and agree with the torch path to the kernels' ~1e-6."""
+    from zo_scale import kernels
+
+    monkeypatch.setenv("ZO_SCALE_TRITON_CPU", "1")
+    if not kernels.available():
+        pytest.skip("Triton's CPU interpreter is not available (TRITON_INTERPRET=1 must be set before triton loads)")
+    bat, opt = _run("llama", name, True, steps=1)
+    assert all(opt._uses_kernels(v) for v in opt.views)
+    monkeypatch.setenv("ZO_SCALE_NO_TRITON", "1")
+    torch_path, opt = _run("llama", name, True, steps=1)
+    assert not any(opt._uses_kernels(v) for v in opt.views)
+    _assert_close(torch_path, bat)

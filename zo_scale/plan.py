@@ -276,11 +276,13 @@ def plan(
     persistence_threshold: int = 100_000,
     attention: str = "eager",
     reserve_gib: float = 1.0,
+    batched_probes: bool = False,
 ) -> Plan:
     """Per-GPU bytes of a ZO run. ``batch`` is the micro-batch each GPU runs its forwards on;
     ``prefetch_bucket`` and ``persistence_threshold`` are ZeRO-3's stage3_* settings in elements;
     ``attention`` 'eager' materialises B·heads·S² scores, 'sdpa' (flash/memory-efficient) does not;
-    ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack."""
+    ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack; ``batched_probes``: the
+    forward carries every probe group (``zo_scale.plan_time.batched_probe_bytes``)."""
     shape = resolve_model(model)
     gpus = _positive_int(gpus, "gpus")
     batch, seq = _positive_int(batch, "batch"), _positive_int(seq, "seq")
@@ -315,6 +317,10 @@ def plan(
     p.parts["fp32 master shard"] = 4 * shard if master else 0
     p.parts["z chunk (fp32)"] = 4 * min(chunk, shard)
     p.parts["runtime reserve"] = int(reserve_gib * GIB)
+    if batched_probes:
+        from zo_scale.plan_time import batched_probe_bytes
+
+        p.parts.update(batched_probe_bytes(shape, optimizer, batch, seq, wb, p.parts["forward peak (activations)"]))
     if master and dtype == "fp32":
         p.notes.append("a master copy of fp32 weights duplicates them; pass --no-master")
     if not master and dtype != "fp32":
@@ -394,6 +400,8 @@ def read_config(path) -> dict:
             out["state_dtype"] = cfg["optimizer"]["state_dtype"]
         if "master_weights" in cfg["optimizer"]:
             out["master"] = cfg["optimizer"]["master_weights"]
+        if "batched_probes" in cfg["optimizer"]:
+            out["batched_probes"] = cfg["optimizer"]["batched_probes"]
     if opt is not None:
         out["optimizer"] = opt
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
@@ -429,6 +437,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=int, help="z chunk in elements (default 4194304)")
     ap.add_argument("--prefetch-bucket", type=int, help="ZeRO-3 stage3_prefetch_bucket_size (elements, default 5e7)")
     ap.add_argument("--reserve-gib", type=float, help="CUDA context, NCCL, allocator slack (default 1)")
+    ap.add_argument("--batched-probes", action="store_true", default=None,
+                    help="every probe group in one forward (optimizer.batched_probes)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
 

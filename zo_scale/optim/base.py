@@ -276,12 +276,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         """``flat`` (the whole parameter, as the engine gathered it) += scale·ε·d_sample, in chunks. A
         structured direction (ZO-Muon's P·U) overrides this."""
         stream = self._stream(view, group.sample)
+        alpha = group.scale * self.param_groups[0]["eps"]
+        if self._uses_kernels(view) and flat.dtype == view.local.dtype:
+            from zo_scale import kernels
+
+            # z generated in the kernel: one read and one write of the copy (H is whole: see HiZOO)
+            kernels.perturb_(flat, stream, 0, alpha, hess=self._direction_hessian(view))
+            return
         chunks = (
             (lo, hi, self._gathered_direction(view, lo, hi, rng.draw_range(stream, lo, hi - lo, device=flat.device)))
             for lo in range(0, view.global_numel, self.chunk_size)
             for hi in [min(lo + self.chunk_size, view.global_numel)]
         )
-        probes.add_direction_(flat, group.scale * self.param_groups[0]["eps"], chunks)
+        probes.add_direction_(flat, alpha, chunks)
 
     def _batched_forward(self, closure: Callable) -> list[torch.Tensor]:
         """Every probe group's (sum, weight) from one ``closure(groups)`` forward (``zo_scale.probes``)."""
