@@ -21,6 +21,7 @@ SEQ = 12
 LENGTHS = [12, 5, 9, 3, 11, 7]  # unequal token counts per rank: the weighted mean matters
 OPTIMIZERS = ("MeZO", "HiZOO", "HELENE", "FZOO")
 ARCHS = ("opt", "llama")
+MORE_ARCHS = ("gemma", "roberta")  # batched probes only (check_probes)
 
 OPT_HPARAMS = {
     "MeZO": dict(lr=2e-3, eps=1e-3, weight_decay=0.01),

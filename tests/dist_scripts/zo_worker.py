@@ -258,6 +258,10 @@ class Runner:
                             raise
                         rec = {"refused": str(e)}
                     self.put(("probes", name, arch, backend), rec)
+            for arch in common.MORE_ARCHS:  # Gemma, RoBERTa: MeZO, against the sequential run of this world
+                for batched in (False, True):
+                    _, _, rec = self.trajectory(backend, arch, "MeZO", n=2, batched_probes=batched)
+                    self.put(("probes" if batched else "traj", "MeZO", arch, backend), rec)
 
     def check_fused(self):
         """The fused Triton kernels (in Triton's CPU interpreter) on shards: z is generated in-kernel
