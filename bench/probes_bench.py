@@ -5,7 +5,8 @@
 
 A random-init OPT shape (fp32, batch × seq tokens per rank), each optimizer's ``opt.step`` timed with
 both probe modes (median of ``--repeats`` after one warm-up step). Rank 0 prints one row per optimizer:
-forwards per step, gathered bytes per step (FSDP2: the all-gathers the step issues), and the two times.
+forwards per step, gathered bytes per step (FSDP2: the all-gathers the step issues), and the two times,
+as wall time and as this process's CPU time (steadier on a machine other jobs share).
 
 What it can and cannot show: on one machine gloo moves the "gathered" bytes through shared memory, so a
 gather costs little next to the CPU matmuls and most of the batched path's gain on a cluster (one gather
@@ -116,12 +117,12 @@ def main() -> int:
             for _ in range(args.repeats):
                 if counter:
                     counter.total, counter.active = 0, True
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 opt.step(closure)
-                samples.append(time.perf_counter() - t0)
+                samples.append((time.perf_counter() - t0, time.process_time() - c0))
                 if counter:
                     counter.active = False
-            times[batched] = statistics.median(samples)
+            times[batched] = tuple(statistics.median(s[i] for s in samples) for i in (0, 1))
             gathered[batched] = counter.total if counter else 0
             forwards = opt.forward_passes // opt.step_count
         rows.append((name, (forwards, gathered, times)))
@@ -129,8 +130,8 @@ def main() -> int:
         params = SHAPE.param_count()
         print(f"{SHAPE.name}: {params / 1e6:.1f}M params fp32, {args.backend} x{world}, batch {args.batch} x "
               f"seq {args.seq} per rank, {torch.get_num_threads()} thread(s)")
-        print("| optimizer | forwards/step | gathered/step (x params) seq / batched | step s, sequential | "
-              "step s, batched | batched / sequential |")
+        print("| optimizer | forwards/step | gathered/step (x params) seq / batched | wall s seq / batched | "
+              "CPU s seq / batched | batched / sequential (CPU) |")
         print("|---|---|---|---|---|---|")
         for name, r in rows:
             if r is None:
@@ -138,8 +139,8 @@ def main() -> int:
                 continue
             forwards, gathered, times = r
             g = " / ".join(f"{gathered[b] / (4 * params):.2f}" for b in (False, True)) if counter else "-"
-            print(f"| {name} | {forwards} | {g} | {times[False]:.3f} | {times[True]:.3f} | "
-                  f"{times[True] / times[False]:.2f} |")
+            (ws, cs), (wb, cb) = times[False], times[True]
+            print(f"| {name} | {forwards} | {g} | {ws:.3f} / {wb:.3f} | {cs:.3f} / {cb:.3f} | {cb / cs:.2f} |")
     if args.backend == "fsdp2":
         import torch.distributed as dist
 

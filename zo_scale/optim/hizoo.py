@@ -51,10 +51,10 @@ class HiZOO(ZOOptimizer):
             decay_1d=decay_1d,
             **kwargs,
         )
-        if self.batched_probes and any(v.numel != v.global_numel for v in self.views):
+        if self.batched_probes and self.backend.name != "replicated":  # the same verdict on every rank
             raise ValueError(
                 f"zo_scale: {type(self).__name__} with batched_probes needs whole parameters on every rank: its "
-                "direction z/√H needs H over each gathered layer, and H is sharded here (FSDP2 / ZeRO-3); "
+                f"direction z/√H needs H over each gathered layer, and H is sharded here ({self.backend.name}); "
                 "use batched_probes=False or a replicated model"
             )
 
