@@ -107,16 +107,18 @@ def _holders(root: torch.nn.Module, views) -> list[_Holder]:
 # splitting a module call by group
 
 
-def _split(name: str, args, kwargs, groups: int) -> list[tuple]:
+def _split(name: str, args, kwargs, groups: int, unit: int) -> list[tuple]:
+    """Each group's share of a module call: every tensor argument cut into ``groups`` blocks of rows
+    along dim 0; its rows must be a multiple of ``unit`` (groups × the rows per group seen first)."""
     leaves, spec = tree_flatten((args, kwargs))
     per_group = [list(leaves) for _ in range(groups)]
     for i, x in enumerate(leaves):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             continue  # shared by every group
-        if x.size(0) % groups:
+        if x.size(0) % unit:
             raise ValueError(
-                f"zo_scale: batched probes: module {name!r} got a tensor of {x.size(0)} rows, not a multiple of "
-                f"the {groups} probe groups (the batch must be along dim 0)"
+                f"zo_scale: batched probes: module {name!r} got a tensor of {x.size(0)} rows, not a multiple of the "
+                f"{groups} probe groups x {unit // groups} rows per group (the batch must be along dim 0)"
             )
         for g, part in enumerate(x.chunk(groups)):
             per_group[g][i] = part
@@ -142,6 +144,7 @@ class ProbePass:
     def __init__(self, holders: list[_Holder], names: dict, groups: list[ProbeGroup], perturb_: Callable):
         self.holders, self.names, self.groups, self.perturb_ = holders, names, groups, perturb_
         self.active: ProbeGroup | None = None  # set while a container runs one group's body
+        self.unit: int | None = None  # rows every split tensor is a multiple of: groups × the first call's rows per group
         self._saved: list[tuple[torch.nn.Module, object]] = []
 
     @staticmethod
@@ -197,7 +200,12 @@ class ProbePass:
             if self.active is not None:  # inside a container's per-group body: that group only
                 return self._run(h, forward, self.active, args, kwargs)
             outs = []
-            parts = _split(self.names.get(id(h.module), "?"), args, kwargs, len(self.groups))
+            if self.unit is None:  # the first module of the forward fixes the rows per group
+                rows = [x.size(0) for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor) and x.dim()]
+                if rows and rows[0] % len(self.groups) == 0:
+                    self.unit = rows[0]
+            unit = self.unit or len(self.groups)
+            parts = _split(self.names.get(id(h.module), "?"), args, kwargs, len(self.groups), unit)
             for group, (a, kw) in zip(self.groups, parts):
                 self.active = group
                 try:
