@@ -27,7 +27,7 @@ LAUNCHES = {
     2: "traj,probes,layout,negative,coll,bf16,reload,ckpt_save,refuse,fsdp1",
     3: "traj,batched,probes,layout,coll,bf16,ckpt_load,fused",
 }
-TIMEOUT_S = {1: 180, 2: 420, 3: 480}  # the probes check adds ~40 / 100 / 120 s on a loaded 2-core machine
+TIMEOUT_S = {1: 360, 2: 420, 3: 480}  # the probes check adds ~40 / 100 / 120 s on a loaded 2-core machine
 
 _root: Path | None = None
 _results: dict[int, dict] = {}
