@@ -16,6 +16,11 @@ makes the next forward gather again what it released):
   HELENE-Muon 16·(N + 1) B likewise (48 B at the tests' N = 2, 80 B at the default N = 4): P, U_i,
   G and NS(G) are computed on every rank, nothing else is sent.
 
+With ``batched_probes=True`` every probe group runs in one forward (zo_scale.probes): the step gathers
+the model once, whatever the number of probes — measured 1.0x one bare forward's gather bytes for MeZO,
+HELENE and FZOO (N = 3) on FSDP2 and ZeRO-3 (both thresholds), against 2x / 2x / 4x sequentially; HiZOO
+refuses batched probes on shards (its direction needs H over each gathered layer).
+
 Shared launches with test_sharded.py (dist_scripts/harness.py): 2 and 3 ranks, gloo on CPU.
 """
 
@@ -65,3 +70,27 @@ def test_release_cost_is_only_regathering(backend, world, record_property):
     record_property("regather_bytes_per_step", extra)
     assert extra >= 0
     assert set(bare) - {"all_gather_single", "_allgather_base", "allgather", "allgather_into_tensor_coalesced"} == set()
+
+
+def _gather_bytes(summary) -> int:
+    return sum(b for kind, (_, b) in summary.items() if kind != "allreduce")
+
+
+MAX_BATCHED_GATHER_RATIO = 1.1  # gather bytes of a batched step / one forward's
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3d", "zero3"])
+@pytest.mark.parametrize("name", ["MeZO", "HELENE", "FZOO"])
+def test_batched_probes_gather_the_model_once_per_step(name, backend, world, record_property):
+    rec = harness.results(world)[("coll", backend, name)]
+    one_forward = _gather_bytes(rec["bare"]) / rec["n_fwd"]
+    sequential = _gather_bytes(rec["step"]) / one_forward
+    batched = rec["batched"]
+    ratio = _gather_bytes(batched) / one_forward
+    record_property("gather_ratio_batched", ratio)
+    record_property("gather_ratio_sequential", sequential)
+    assert sequential == pytest.approx(rec["n_fwd"])
+    assert ratio <= MAX_BATCHED_GATHER_RATIO
+    # the optimizer's own traffic is unchanged: the same scalar all-reduces
+    assert batched["allreduce"] == rec["step"]["allreduce"]

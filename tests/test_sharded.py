@@ -180,7 +180,7 @@ def test_checkpoint_roundtrip_single_process(tmp_path, name):
         assert torch.equal(a, b), n
     idx = read_index(tmp_path)
     assert idx[0]["world_size"] == 1 and idx[0]["step"] == 1
-    assert idx[0]["shards"]["gain"] == [0, 1, 1]
+    assert idx[0]["shards"]["scale.gain"] == [0, 1, 1]
     # a stray index from another save is detected, not silently mixed in
     (tmp_path / "optim_rank00001.json").write_text(json.dumps({**idx[0], "rank": 1, "step": 7}))
     with pytest.raises(ValueError, match="mixes saves|incomplete"):
@@ -288,8 +288,8 @@ def test_views_tile_every_parameter(arch, backend, world):
             assert start == pos, (name, pieces)
             pos += numel
         assert pos == pieces[0][2], (name, pieces)
-    assert empty >= world - 1  # FSDP2: ``temp`` (dim0 = 1); ZeRO-3: ``gain`` (one element)
-    tiny = "temp" if backend == "fsdp2" else "gain"
+    assert empty >= world - 1  # FSDP2: ``scale.temp`` (dim0 = 1); ZeRO-3: ``scale.gain`` (one element)
+    tiny = "scale.temp" if backend == "fsdp2" else "scale.gain"
     assert [n for _, n, _ in sorted(by_name[tiny])].count(0) == world - 1
 
 

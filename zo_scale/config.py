@@ -322,6 +322,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("task.objective 'accuracy' gives losses down to -1; HELENE's hessian_scale 'loss' needs "
                           "the loss above optimizer.loss_floor: set optimizer.loss_floor to -1 (or hessian_scale "
                           "to a number)")
+    if cfg.optimizer.get("batched_probes") and cfg.task.objective != "loss":
+        raise ConfigError(f"optimizer.batched_probes needs task.objective 'loss' (the {cfg.task.objective!r} objective "
+                          "scores candidates in several forwards, not one per probe group)")
 
 
 def _positive(name: str, value: int, zero_ok: bool = False) -> None:

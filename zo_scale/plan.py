@@ -278,6 +278,25 @@ def _positive_int(value, what) -> int:
     return value
 
 
+# probe groups of a batched step and how many of them are perturbed, per optimizer (default N)
+GROUPS = {"mezo": (2, 2), "hizoo": (3, 2), "hizoo-l": (3, 2), "helene": (2, 2), "fzoo": (9, 8)}
+# batched probes need the direction over the whole gathered layer: HiZOO's z/√H reads a sharded H
+BATCHED_ON_SHARDS = {"mezo": True, "helene": True, "fzoo": True, "hizoo": False, "hizoo-l": False}
+
+
+def batched_probe_bytes(shape: ModelShape, optimizer: str, batch: int, seq: int, wb: int, forward_peak: int) -> dict:
+    """What batched probes add to a GPU's plan (``zo_scale.plan``): the forward's activations for every
+    group instead of one (the residual stream and each module's output carry G micro-batches), the head's
+    per-group logits joined into one tensor (a second copy for a moment), and one module's perturbed copy."""
+    groups, _ = GROUPS[optimizer]
+    largest = max(shape.layer_modules() + shape.outer_modules())
+    return {
+        f"batched: activations x{groups - 1} more": (groups - 1) * forward_peak,
+        "batched: joined logits": groups * batch * seq * shape.vocab * wb,
+        "batched: perturbed module copy": largest * wb,
+    }
+
+
 def plan(
     model,
     gpus: int,
@@ -297,12 +316,14 @@ def plan(
     reserve_gib: float = 1.0,
     rank: int = 64,
     n_directions: int = 4,
+    batched_probes: bool = False,
 ) -> Plan:
     """Per-GPU bytes of a ZO run. ``batch`` is the micro-batch each GPU runs its forwards on;
     ``prefetch_bucket`` and ``persistence_threshold`` are ZeRO-3's stage3_* settings in elements;
     ``attention`` 'eager' materialises B·heads·S² scores, 'sdpa' (flash/memory-efficient) does not;
     ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack; ``rank`` and
-    ``n_directions`` are ZO-Muon's / HELENE-Muon's r and N."""
+    ``n_directions`` are ZO-Muon's / HELENE-Muon's r and N; ``batched_probes``: the forward carries every
+    probe group (``batched_probe_bytes``)."""
     shape = resolve_model(model)
     gpus = _positive_int(gpus, "gpus")
     batch, seq = _positive_int(batch, "batch"), _positive_int(seq, "seq")
@@ -340,6 +361,11 @@ def plan(
     p.parts["fp32 master shard"] = 4 * shard if master else 0
     p.parts["z chunk (fp32)"] = 4 * min(chunk, shard)
     p.parts["runtime reserve"] = int(reserve_gib * GIB)
+    if batched_probes and optimizer not in GROUPS:
+        raise PlanError(f"batched probes are not available for {optimizer} (only {', '.join(GROUPS)})")
+    if batched_probes:
+
+        p.parts.update(batched_probe_bytes(shape, optimizer, batch, seq, wb, p.parts["forward peak (activations)"]))
     if master and dtype == "fp32":
         p.notes.append("a master copy of fp32 weights duplicates them; pass --no-master")
     if not master and dtype != "fp32":
@@ -433,6 +459,8 @@ def read_config(path) -> dict:
             out["state_dtype"] = cfg["optimizer"]["state_dtype"]
         if "master_weights" in cfg["optimizer"]:
             out["master"] = cfg["optimizer"]["master_weights"]
+        if "batched_probes" in cfg["optimizer"]:
+            out["batched_probes"] = cfg["optimizer"]["batched_probes"]
     if opt is not None:
         out["optimizer"] = opt
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
@@ -470,6 +498,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=int, help="z chunk in elements (default 4194304)")
     ap.add_argument("--prefetch-bucket", type=int, help="ZeRO-3 stage3_prefetch_bucket_size (elements, default 5e7)")
     ap.add_argument("--reserve-gib", type=float, help="CUDA context, NCCL, allocator slack (default 1)")
+    ap.add_argument("--batched-probes", action="store_true", default=None,
+                    help="every probe group in one forward (optimizer.batched_probes)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
 

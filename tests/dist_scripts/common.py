@@ -21,6 +21,7 @@ SEQ = 12
 LENGTHS = [12, 5, 9, 3, 11, 7]  # unequal token counts per rank: the weighted mean matters
 OPTIMIZERS = ("MeZO", "HiZOO", "HELENE", "FZOO", "ZOMuon", "HELENEMuon")
 ARCHS = ("opt", "llama")
+MORE_ARCHS = ("gemma", "roberta")  # batched probes only (check_probes)
 
 OPT_HPARAMS = {
     "MeZO": dict(lr=2e-3, eps=1e-3, weight_decay=0.01),
@@ -36,22 +37,36 @@ OPT_HPARAMS = {
 }
 
 
-class TinyLM(torch.nn.Module):
-    """A tiny HF causal LM plus two tiny parameters that scale the logits (so they matter):
+class LogitScale(torch.nn.Module):
+    """Two tiny parameters that scale the logits (so they matter):
     ``temp`` (1, 3): dim0 = 1 < world, so FSDP2 gives ranks 1..W-1 an EMPTY shard;
-    ``gain`` (1,): one element, so ZeRO-3 gives ranks 1..W-1 an empty partition."""
+    ``gain`` (1,): one element, so ZeRO-3 gives ranks 1..W-1 an empty partition.
+    A module of their own (a leaf), as Hugging Face models keep every parameter: batched probes then
+    run the model once with each layer gathered once (``zo_scale.probes``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.temp = torch.nn.Parameter(torch.tensor([[0.1, -0.2, 0.05]]))
+        self.gain = torch.nn.Parameter(torch.tensor([0.02]))
+
+    def forward(self, logits):
+        return logits * (1.0 + self.temp.mean() + self.gain[0])
+
+
+class TinyLM(torch.nn.Module):
+    """A tiny HF causal LM and a ``LogitScale`` (parameters ``scale.temp``, ``scale.gain``)."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
-        self.temp = torch.nn.Parameter(torch.tensor([[0.1, -0.2, 0.05]]))
-        self.gain = torch.nn.Parameter(torch.tensor([0.02]))
+        self.scale = LogitScale()
 
     def forward(self, input_ids, attention_mask):
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits * (1.0 + self.temp.mean() + self.gain[0])
+        return self.scale(self.lm(input_ids=input_ids, attention_mask=attention_mask).logits)
 
     def layers(self):
+        if hasattr(self.lm, "roberta"):
+            return self.lm.roberta.encoder.layer
         return self.lm.model.decoder.layers if hasattr(self.lm.model, "decoder") else self.lm.model.layers
 
 
@@ -70,6 +85,20 @@ def build_model(arch: str, dtype=torch.float32, seed: int = 0) -> TinyLM:
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           tie_word_embeddings=False, pad_token_id=0)
         lm = LlamaForCausalLM(cfg)
+    elif arch == "gemma":  # tied embeddings, (1 + w) RMSNorm, scaled embedding
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        cfg = GemmaConfig(vocab_size=127, hidden_size=40, intermediate_size=77, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=10, max_position_embeddings=64,
+                          pad_token_id=0)
+        lm = GemmaForCausalLM(cfg)
+    elif arch == "roberta":  # encoder; the MLM decoder's weight and bias tied (bias held by a container)
+        from transformers import RobertaConfig, RobertaForMaskedLM
+
+        cfg = RobertaConfig(vocab_size=127, hidden_size=40, intermediate_size=77, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, pad_token_id=1)
+        lm = RobertaForMaskedLM(cfg)
     else:
         raise ValueError(arch)
     model = TinyLM(lm)
@@ -102,24 +131,32 @@ def make_closure(model, rank: int, world: int, per_sequence: bool = True):
 
     ``per_sequence``: one forward per sequence, summed in fp64, so each sequence's loss is
     bit-identical whatever the split (a batched forward's matmuls round differently for batch 2
-    and 6); only the fp64 sum order differs between world sizes. See test_sharded.py for why."""
+    and 6); only the fp64 sum order differs between world sizes. See test_sharded.py for why.
+
+    ``closure(groups)`` (batched probes) runs the rows repeated ``groups`` times along dim 0 and
+    returns one (sum, count) per group; ``closure()`` is the plain contract."""
+    from zo_scale.probes import group_sums, replicate
+
     ids, mask = local_batch(rank, world)
 
-    def loss_of(i, m):
+    def loss_of(i, m, groups):
+        i, m = replicate(i, groups), replicate(m, groups)
         logits = model(input_ids=i, attention_mask=m).float()
         labels = i.masked_fill(m == 0, -100)[:, 1:]
-        loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-        return loss_sum.double(), (labels != -100).sum()
+        per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                    ignore_index=-100, reduction="none")
+        return group_sums(per_token.double(), groups), group_sums(labels != -100, groups)
 
-    def closure():
+    def closure(groups=None):
+        g = groups or 1
         if not per_sequence:
-            return loss_of(ids, mask)
-        total, count = torch.zeros((), dtype=torch.float64), 0
-        for j in range(ids.size(0)):
-            s, c = loss_of(ids[j : j + 1], mask[j : j + 1])
-            total, count = total + s, count + int(c)
-        return total, count
+            sums, counts = loss_of(ids, mask, g)
+        else:
+            sums, counts = torch.zeros(g, dtype=torch.float64), 0
+            for j in range(ids.size(0)):
+                s, c = loss_of(ids[j : j + 1], mask[j : j + 1], g)
+                sums, counts = sums + s, counts + c
+        return (sums, counts) if groups else (sums[0], counts[0])
 
     return closure
 

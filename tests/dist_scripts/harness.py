@@ -23,11 +23,11 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "zo_worker.py"
 
 LAUNCHES = {
-    1: "ref,batched,fused",
-    2: "traj,layout,negative,coll,bf16,reload,ckpt_save,refuse,fsdp1",
-    3: "traj,batched,layout,coll,bf16,ckpt_load,fused",
+    1: "ref,batched,probes,fused",
+    2: "traj,probes,layout,negative,coll,bf16,reload,ckpt_save,refuse,fsdp1",
+    3: "traj,batched,probes,layout,coll,bf16,ckpt_load,fused",
 }
-TIMEOUT_S = {1: 180, 2: 360, 3: 450}  # ZO-Muon and HELENE-Muon joined: +50 % of the checks
+TIMEOUT_S = {1: 420, 2: 540, 3: 600}  # ZO-Muon/HELENE-Muon and the probes check joined; sized for a loaded 2-core machine
 
 _root: Path | None = None
 _results: dict[int, dict] = {}

@@ -15,10 +15,11 @@ Checks
               fsdp2p (fsdp2k + an async unshard pending at each step), zero3 (threshold 0),
               zero3d (DeepSpeed's default threshold), hsdp / hsdpr ((1, W) / (W, 1) meshes), ddp
   batched     as traj, but one batched forward per closure (reduction-order noise included)
+  probes      as ref / traj with batched_probes=True (every probe group in one forward), plain / fsdp2 / zero3
   fused       HiZOO / HELENE / FZOO through the fused Triton kernels (CPU interpreter), FUSED_STEPS steps
   layout      every rank's (name, start, numel) for FSDP2 and ZeRO-3 views
   negative    the traps with prepare_edit disabled (must NOT match the reference)
-  coll        collectives issued during opt.step vs the same number of bare forwards
+  coll        collectives issued during opt.step vs the same number of bare forwards (and with batched_probes)
   bf16        +eps z, -2 eps z, restore leaves bf16 shards bit-identical (fp32 master)
   reload      opt.load_state_dict on a live bf16 model replays the same steps
   ckpt_save   RESUME_AT steps, then save optimizer state + full weights  (run at W=2)
@@ -185,9 +186,10 @@ class Runner:
     def closure(self, model, per_sequence=True):
         return common.make_closure(model, self.rank, self.world, per_sequence=per_sequence)
 
-    def trajectory(self, backend, arch, opt_name, n=common.K_STEPS, weights=None, ckpt_in=None, per_sequence=True):
+    def trajectory(self, backend, arch, opt_name, n=common.K_STEPS, weights=None, ckpt_in=None, per_sequence=True,
+                   **opt_kw):
         model = build(backend, arch, weights=weights)
-        opt = common.make_optimizer(opt_name, model)
+        opt = common.make_optimizer(opt_name, model, **opt_kw)
         if ckpt_in is not None:
             from zo_scale.checkpoint import load_optimizer_state
 
@@ -241,6 +243,25 @@ class Runner:
             for name in self.optimizers:
                 _, _, rec = self.trajectory(backend, "llama", name, per_sequence=False)
                 self.put(("batched", name, "llama", backend), rec)
+
+    def check_probes(self):
+        """batched_probes=True: every probe group in one forward (zo_scale.probes), per-sequence closure as
+        the reference; HiZOO needs whole parameters, so on sharded backends its refusal is recorded."""
+        backends = ("plain",) if self.world == 1 else ("fsdp2", "zero3")
+        for backend in backends:
+            for arch in common.ARCHS:
+                for name in self.optimizers:
+                    try:
+                        _, _, rec = self.trajectory(backend, arch, name, batched_probes=True)
+                    except ValueError as e:
+                        if backend == "plain":
+                            raise
+                        rec = {"refused": str(e)}
+                    self.put(("probes", name, arch, backend), rec)
+            for arch in common.MORE_ARCHS:  # Gemma, RoBERTa: MeZO, against the sequential run of this world
+                for batched in (False, True):
+                    _, _, rec = self.trajectory(backend, arch, "MeZO", n=2, batched_probes=batched)
+                    self.put(("probes" if batched else "traj", "MeZO", arch, backend), rec)
 
     def check_fused(self):
         """The fused Triton kernels (in Triton's CPU interpreter) on shards: z is generated in-kernel
@@ -316,7 +337,19 @@ class Runner:
 
                 noedit_log = counter.measure(bare_no_release)
                 self.put(("coll", backend, name), {"step": summarize(step_log), "bare": summarize(base_log),
-                                                   "bare_no_release": summarize(noedit_log), "n_fwd": n_fwd})
+                                                   "bare_no_release": summarize(noedit_log), "n_fwd": n_fwd,
+                                                   "batched": self._batched_step_log(counter, backend, name)})
+
+    def _batched_step_log(self, counter, backend, name):
+        """Collectives of one step with batched_probes=True (None where the optimizer refuses it)."""
+        model = build(backend, "llama")
+        try:
+            opt = common.make_optimizer(name, model, batched_probes=True)
+        except ValueError:
+            return None
+        closure = self.closure(model)
+        run_steps(opt, closure, 2)
+        return summarize(counter.measure(lambda: opt.step(closure)))
 
     def check_bf16(self):
         for backend in ("fsdp2", "zero3d", "zero3"):

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from zo_scale import rng
+from zo_scale import probes, rng
 from zo_scale.backends import detect as detect_backend
 from zo_scale.optim.loss_precision import LossResolution
 from zo_scale.optim.state_dict import GROUP_KEYS, is_torch_layout, load_torch_state_dict, name_group, torch_state_dict
@@ -103,6 +103,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         chunk_size: int = 1 << 22,
         process_group=None,
         on_nonfinite: str = "raise",
+        batched_probes: bool = False,
         **hparams,
     ):
         self._check_option_names(hparams)
@@ -129,6 +130,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.process_group = process_group
         self.on_nonfinite = on_nonfinite
+        self.batched_probes = bool(batched_probes)  # all probe groups in one forward (zo_scale.probes)
+        self._probe_plan = None
         self.step_count = 0
         self.forward_passes = 0
         self.last_stats: StepStats | None = None
@@ -300,6 +303,55 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.loss_resolution.check_value(out)
         return _as_sum_and_weight(out, self.backend.loss_device())
 
+    # ------------------------------------------------------------------ batched probes
+
+    def _probe_groups(self) -> list[probes.ProbeGroup]:
+        """The step's probe points in the order of its losses: [θ,] then +εd_j, −εd_j per sample."""
+        groups = [probes.ProbeGroup(0.0)] if self.probes_loss_zero else []
+        for j in range(self.n_samples):
+            groups += [probes.ProbeGroup(+1.0, j), probes.ProbeGroup(-1.0, j)]
+        return groups
+
+    def _gathered_direction(self, view: ShardView, lo: int, hi: int, z: torch.Tensor) -> torch.Tensor:
+        """The direction on global elements [lo, hi) of a gathered parameter (``_direction`` is shard-local)."""
+        return z
+
+    def _add_gathered_direction_(self, view: ShardView, flat: torch.Tensor, group: probes.ProbeGroup) -> None:
+        """``flat`` (the whole parameter, as the engine gathered it) += scale·ε·d_sample, in chunks. A
+        structured direction (ZO-Muon's P·U) overrides this."""
+        stream = self._stream(view, group.sample)
+        alpha = group.scale * self.param_groups[0]["eps"]
+        if self._uses_kernels(view) and flat.dtype == view.local.dtype:
+            from zo_scale import kernels
+
+            # z generated in the kernel: one read and one write of the copy (H is whole: see HiZOO)
+            kernels.perturb_(flat, stream, 0, alpha, hess=self._direction_hessian(view))
+            return
+        chunks = (
+            (lo, hi, self._gathered_direction(view, lo, hi, rng.draw_range(stream, lo, hi - lo, device=flat.device)))
+            for lo in range(0, view.global_numel, self.chunk_size)
+            for hi in [min(lo + self.chunk_size, view.global_numel)]
+        )
+        probes.add_direction_(flat, alpha, chunks)
+
+    def _batched_forward(self, closure: Callable) -> list[torch.Tensor]:
+        """Every probe group's (sum, weight) from one ``closure(groups)`` forward (``zo_scale.probes``)."""
+        if not probes.takes_groups(closure):
+            raise TypeError(
+                "zo_scale: batched_probes=True calls closure(groups): run the micro-batch repeated `groups` times "
+                "along dim 0 (zo_scale.probes.replicate) and return one loss per group (zo_scale.probes.group_sums)"
+            )
+        groups = self._probe_groups()
+        self.backend.prepare_edit()  # FSDP2 / ZeRO-3 drop gathered copies: the pass gathers each unit once
+        if self._probe_plan is None:
+            self._probe_plan = probes.ProbePass.plan(self.backend.module, self.views)
+        module = self.backend.eval_module()
+        module.eval()  # ZO forwards: no dropout
+        with probes.ProbePass(*self._probe_plan, groups, self._add_gathered_direction_), torch.no_grad():
+            out = closure(len(groups))
+        self.forward_passes += len(groups)
+        return probes.group_pairs(out, len(groups), self.backend.loss_device())
+
     def _reduce(self, pairs: list[torch.Tensor]) -> list[float]:
         """Global weighted means of this step's losses: one fp64 all-reduce of a few scalars (and of
         the subclass's payload, if any, in the same call)."""
@@ -321,19 +373,20 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("zo_scale: ZO optimizers need a closure that runs a forward pass and returns the loss")
         group = self.param_groups[0]
         eps = group["eps"]
-        pairs = []
-        if self.probes_loss_zero:
-            pairs.append(self._forward(closure))
-        plus_minus_pairs = []
-        for j in range(self.n_samples):
-            self._move_to(+1, j)
-            lp = self._forward(closure)
-            self._move_to(-1, j)
-            lm = self._forward(closure)
-            plus_minus_pairs += [lp, lm]
-            if j < self.n_samples - 1:
-                self._move_to(0, j)
-        vals = self._reduce(pairs + plus_minus_pairs)
+        if self.batched_probes:
+            vals = self._reduce(self._batched_forward(closure))
+        else:
+            pairs = []
+            if self.probes_loss_zero:
+                pairs.append(self._forward(closure))
+            for j in range(self.n_samples):
+                self._move_to(+1, j)
+                pairs.append(self._forward(closure))
+                self._move_to(-1, j)
+                pairs.append(self._forward(closure))
+                if j < self.n_samples - 1:
+                    self._move_to(0, j)
+            vals = self._reduce(pairs)
         loss_zero = vals[0] if self.probes_loss_zero else None
         pm = vals[1:] if self.probes_loss_zero else vals
         plus, minus = pm[0::2], pm[1::2]
@@ -388,7 +441,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                     theta = master[lo:hi]  # the master never saw the perturbation
                 else:  # fp32/fp64 in place; low precision without master goes through fp32 (lossy)
                     theta = local if local.dtype in FULL_PRECISION else local.float()
-                    theta.add_(self._direction(view, lo, hi, zs[last]), alpha=restore)
+                    if restore:  # batched probes leave the weights at θ
+                        theta.add_(self._direction(view, lo, hi, zs[last]), alpha=restore)
                 counts.append(self._update_chunk(view, lo, hi, theta, zs, pgs, scalars))
                 if theta is not local:
                     local.copy_(theta)

@@ -21,6 +21,7 @@ import torch
 from zo_scale import rng
 from zo_scale.optim.base import NonFiniteLossError, StepStats, ZOOptimizer
 from zo_scale.optim.loss_precision import FIX
+from zo_scale.probes import ProbeGroup
 from zo_scale.optim.updates import combined_direction, fzoo_coefficients, mezo_update_
 
 DIRECTIONS = {"rademacher": "rademacher", "gaussian": "normal"}
@@ -69,16 +70,22 @@ class FZOO(ZOOptimizer):
     def _stream(self, view, sample):
         return rng.ZStream.make(self.seed, view.uid, self.step_count, sample, self._kind)
 
+    def _probe_groups(self):
+        return [ProbeGroup(0.0)] + [ProbeGroup(+1.0, i) for i in range(self.n_samples)]
+
     @torch.no_grad()
     def step(self, closure: Callable) -> float:
         if closure is None:
             raise ValueError("zo_scale: ZO optimizers need a closure that runs a forward pass and returns the loss")
         group = self.param_groups[0]
         n = self.n_samples
-        pairs = [self._forward(closure)]  # ℓ₀ at θ
-        for i in range(n):
-            self._move_to(+1, i)  # from +εu_{i-1} straight to +εu_i
-            pairs.append(self._forward(closure))
+        if self.batched_probes:
+            pairs = self._batched_forward(closure)
+        else:
+            pairs = [self._forward(closure)]  # ℓ₀ at θ
+            for i in range(n):
+                self._move_to(+1, i)  # from +εu_{i-1} straight to +εu_i
+                pairs.append(self._forward(closure))
         vals = self._reduce(pairs)
         loss_zero, probes = vals[0], vals[1:]
         stats = StepStats(

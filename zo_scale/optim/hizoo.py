@@ -51,6 +51,12 @@ class HiZOO(ZOOptimizer):
             decay_1d=decay_1d,
             **kwargs,
         )
+        if self.batched_probes and self.backend.name != "replicated":  # the same verdict on every rank
+            raise ValueError(
+                f"zo_scale: {type(self).__name__} with batched_probes needs whole parameters on every rank: its "
+                f"direction z/√H needs H over each gathered layer, and H is sharded here ({self.backend.name}); "
+                "use batched_probes=False or a replicated model"
+            )
 
     def _init_state(self, name, view):
         return torch.ones(view.numel, dtype=self.state_dtype, device=view.local.device)
@@ -59,6 +65,9 @@ class HiZOO(ZOOptimizer):
         hess = self.shard_state[view.name]["hessian"][lo:hi]
         hess = hess if hess.dtype in FULL_PRECISION else hess.float()
         return hizoo_direction(z.to(hess.dtype), hess)
+
+    def _gathered_direction(self, view, lo, hi, z):
+        return self._direction(view, lo, hi, z)  # the shard is the whole parameter (checked at construction)
 
     def _hessian_alpha(self) -> float:
         group = self.param_groups[0]

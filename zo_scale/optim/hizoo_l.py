@@ -168,6 +168,21 @@ class HiZOOL(HiZOO):
         finally:
             self._collecting = False
 
+    def _batched_forward(self, closure):
+        # no +εd move with batched probes: collect the partial sums in a local pass over z instead
+        if self._payload_numel:
+            device = next(iter(self.factors.values()))["rows"].device
+            self._sums = torch.zeros(self._payload_numel, dtype=torch.float64, device=device)
+            self._collecting = True
+            try:
+                for view in self.views:
+                    if view.name in self.factors:
+                        for lo, hi in self._chunk_ranges(view):
+                            self._direction(view, lo, hi, self._z(view, lo, hi, 0))
+            finally:
+                self._collecting = False
+        return super()._batched_forward(closure)
+
     # ------------------------------------------------------------------ the step
 
     def _step_payload(self):

@@ -1,0 +1,67 @@
+"""zo_scale.plan_time: the cluster step-time model (sequential against batched probes) and what batched
+probes add to the memory plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from zo_scale import plan_time
+from zo_scale.plan import MODELS, PlanError, plan
+from zo_scale.plan_time import H100, batched_probe_bytes, gather_seconds, step_time
+
+OPT66B = MODELS["opt-66b"]
+
+
+def test_gather_splits_intra_and_inter_node_traffic():
+    n = OPT66B.param_count()
+    assert gather_seconds(n, 2, 1, H100) == 0.0
+    one_node = n * 2 * 7 / 8 / (H100.intra * H100.link_efficiency)
+    assert gather_seconds(n, 2, 8, H100) == pytest.approx(one_node)
+    # two nodes: half of each GPU's gather crosses the 50 GB/s fabric, which sets the time
+    assert gather_seconds(n, 2, 16, H100) == pytest.approx(n * 2 * 8 / 16 / (H100.inter * H100.link_efficiency))
+
+
+def test_sequential_step_by_hand():
+    t = step_time("opt-66b", 16, optimizer="mezo", batch=1, seq=256)
+    n, shard = OPT66B.param_count(), -(-OPT66B.param_count() // 16)
+    hbm = H100.hbm * H100.hbm_efficiency
+    per_forward = max(t.compute_s, t.gather_s) + t.gather_s / (OPT66B.layers + 1)
+    moves = 2 * shard * 6 / hbm  # two moves (+ε, −2ε) from the fp32 master: read 4 B, write 2 B
+    update = shard * 10 / hbm  # master read + write, weight write
+    assert t.total_s == pytest.approx(2 * per_forward + moves + update)
+    assert t.forwards == 2 and n > 6e10
+
+
+def test_batched_pays_one_gather_and_builds_every_group():
+    seq = step_time("opt-66b", 16, optimizer="fzoo", batch=1)
+    bat = step_time("opt-66b", 16, optimizer="fzoo", batch=1, batched=True)
+    assert bat.gather_s == seq.gather_s and bat.forwards == seq.forwards == 9
+    assert bat.build_s == pytest.approx(OPT66B.param_count() * 8 * 4 * 2 / (H100.hbm * H100.hbm_efficiency))
+    assert bat.total_s < seq.total_s / 5  # 9 gathers over the fabric become one
+    # on one node NVLink is fast enough that building the groups' weights costs about what it saves
+    one_node = [step_time("opt-66b", 8, optimizer="mezo", batch=2, batched=b).total_s for b in (False, True)]
+    assert one_node[1] == pytest.approx(one_node[0], rel=0.1)
+
+
+def test_hizoo_batched_on_shards_is_refused():
+    with pytest.raises(PlanError, match="hizoo refuses batched probes on sharded parameters"):
+        step_time("opt-13b", 8, optimizer="hizoo", batched=True)
+    assert step_time("opt-13b", 1, optimizer="hizoo", batched=True).gather_s == 0.0
+
+
+def test_memory_plan_adds_groups_activations_and_one_module_copy():
+    kw = dict(optimizer="fzoo", batch=1, seq=256, backend="zero3")
+    seq, bat = plan("opt-66b", 16, **kw), plan("opt-66b", 16, batched_probes=True, **kw)
+    extra = batched_probe_bytes(OPT66B, "fzoo", 1, 256, 2, seq.parts["forward peak (activations)"])
+    assert bat.total_bytes == seq.total_bytes + sum(extra.values())
+    assert extra["batched: activations x8 more"] == 8 * seq.parts["forward peak (activations)"]
+    assert extra["batched: perturbed module copy"] == 50272 * 9216 * 2  # the embedding, OPT-66B's largest module
+
+
+def test_cli_table_for_the_configs(capsys):
+    configs = [str(REPO / "configs" / c) for c in ("opt13b.json", "opt66b.json")]
+    assert plan_time.main(["--config", configs[0], "--config", configs[1], "--gpus", "8", "16"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "opt" in r]
+    assert len(rows) == 4 and all("refused" in r for r in rows)  # HiZOO on shards
+    assert plan_time.main(["--model", "no-such-model"]) == 2
