@@ -54,16 +54,21 @@ def dataset(n: int = 32, seq: int = 8):
     return rows
 
 
-def training_args(backend: str, out: Path):
+def ds_config(**sections) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+        **sections,
+    }
+
+
+def training_args(backend: str, out: Path, **overrides):
     from transformers import TrainingArguments
 
     kw = {}
     if backend == "zero3":
-        kw["deepspeed"] = {
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-        }
+        kw["deepspeed"] = ds_config()
     elif backend == "fsdp":
         kw["fsdp"] = True
         kw["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT",
@@ -71,7 +76,7 @@ def training_args(backend: str, out: Path):
     return TrainingArguments(
         output_dir=str(out / "run"), use_cpu=True, max_steps=MAX_STEPS, per_device_train_batch_size=PER_DEVICE_BATCH,
         learning_rate=5e-2, lr_scheduler_type="linear", save_strategy="steps", save_steps=RESUME_AT,
-        logging_steps=1, report_to=[], seed=0, disable_tqdm=True, dataloader_drop_last=True, **kw,
+        logging_steps=1, report_to=[], seed=0, disable_tqdm=True, dataloader_drop_last=True, **{**kw, **overrides},
     )
 
 
@@ -95,6 +100,29 @@ def trainer_class(backend: str):
     return CPUFSDPTrainer
 
 
+def refusals(backend: str, out: Path) -> dict[str, str]:
+    """The one-line errors of what ZOTrainer refuses, by case (each refused before Trainer builds anything)."""
+    from zo_scale.integrations import ZOTrainer
+
+    cases = {}
+    if backend == "single":
+        cases["grad_accum"] = lambda: ZOTrainer(model=tiny_llama(), args=training_args(backend, out, gradient_accumulation_steps=2))
+        cases["optimizers"] = lambda: ZOTrainer(model=tiny_llama(), args=training_args(backend, out),
+                                                optimizers=(torch.optim.SGD(tiny_llama().parameters(), lr=0.1), None))
+    if backend == "zero3":  # an "optimizer" section as most DeepSpeed configs have
+        ds = ds_config(optimizer={"type": "AdamW", "params": {"lr": "auto"}})
+        cases["ds_optimizer"] = lambda: ZOTrainer(model=tiny_llama(), args=training_args(backend, out, deepspeed=ds))
+    messages = {}
+    for name, build in cases.items():
+        try:
+            build()
+        except ValueError as e:
+            messages[name] = str(e)
+        else:
+            messages[name] = "accepted"
+    return messages
+
+
 def full_weights(trainer) -> dict[str, torch.Tensor]:
     sd = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     return {k: v.detach().float().cpu().clone() for k, v in (sd or {}).items()}
@@ -112,6 +140,7 @@ def main() -> None:
         import_deepspeed()
     import zo_scale
 
+    refused = {} if a.resume else refusals(a.backend, a.out)
     args = training_args(a.backend, a.out)
     trainer = trainer_class(a.backend)(
         model=tiny_llama(), args=args, train_dataset=dataset(),
@@ -124,7 +153,7 @@ def main() -> None:
     if trainer.is_world_process_zero():
         phase = "resumed" if a.resume else "full"
         torch.save({"weights": weights, "losses": losses, "initial": tiny_llama().state_dict(),
-                    "zo_steps": trainer.zo_optimizer.step_count, "backend": type(trainer.zo_optimizer.backend).__name__},
+                    "zo_steps": trainer.zo_optimizer.step_count, "refusals": refused, "backend": type(trainer.zo_optimizer.backend).__name__},
                    a.out / f"{phase}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

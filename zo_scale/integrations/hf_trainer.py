@@ -70,6 +70,23 @@ def sync_deepspeed_master(engine) -> None:
         refresh()
 
 
+def _refuse_unsupported(args, ds_config: dict | None = None) -> None:
+    if args.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"zo_scale: gradient_accumulation_steps={args.gradient_accumulation_steps}: a ZO step measures one "
+            "batch; set it to 1 and raise per_device_train_batch_size instead"
+        )
+    if ds_config is None:
+        ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    sections = [k for k in ("optimizer", "scheduler") if k in ds_config]
+    if sections:
+        raise ValueError(
+            f"zo_scale: remove the {' and '.join(repr(s) for s in sections)} section(s) from the DeepSpeed config: "
+            "DeepSpeed steps them only in engine.step(), which ZO training never calls; set learning_rate and "
+            "lr_scheduler_type in TrainingArguments instead"
+        )
+
+
 class ZOTrainer(Trainer):
     """A ``transformers.Trainer`` whose steps are ZO steps of ``zo_optimizer`` (any zo_scale optimizer class).
 
@@ -85,20 +102,11 @@ class ZOTrainer(Trainer):
                              "or optimizer_cls_and_kwargs=")
         if not (isinstance(zo_optimizer, type) and issubclass(zo_optimizer, ZOOptimizer)):
             raise TypeError(f"zo_scale: zo_optimizer must be a zo_scale optimizer class (MeZO, HELENE, ...), got {zo_optimizer!r}")
+        if kwargs.get("args") is not None:
+            _refuse_unsupported(kwargs["args"])  # before Trainer starts an accelerator for them
         super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"zo_scale: gradient_accumulation_steps={self.args.gradient_accumulation_steps}: a ZO step measures one "
-                "batch; set it to 1 and raise per_device_train_batch_size instead"
-            )
-        if self.is_deepspeed_enabled:
-            sections = [k for k in ("optimizer", "scheduler") if k in self.accelerator.state.deepspeed_plugin.hf_ds_config.config]
-            if sections:
-                raise ValueError(
-                    f"zo_scale: remove the {' and '.join(repr(s) for s in sections)} section(s) from the DeepSpeed config: "
-                    "DeepSpeed steps them only in engine.step(), which ZO training never calls; set learning_rate and "
-                    "lr_scheduler_type in TrainingArguments instead"
-                )
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)  # also from `accelerate launch`
+        _refuse_unsupported(self.args, plugin.hf_ds_config.config if plugin is not None else None)
         self.zo_optimizer_cls = zo_optimizer
         self.zo_options = dict(zo_options or {})
         self.zo_optimizer: ZOOptimizer | None = None
