@@ -1,15 +1,18 @@
 """ZOTrainer (zo_scale.integrations): a transformers.Trainer script fine-tunes with ZO optimizers under
 one process, DeepSpeed ZeRO-3 and FSDP2 (2 gloo ranks on CPU), and resumes from Trainer's own
-checkpoint, in a new process, on the uninterrupted trajectory bit for bit.
+checkpoint, in a new process, on the uninterrupted trajectory bit for bit (tolerance 0).
 
 Per backend two launches of dist_scripts/hf_trainer_worker.py: 4 steps saving checkpoint-2, then a
 resume from checkpoint-2. A different optimizer per backend, so state restore is exercised (HELENE's
-m, h and HiZOO's H; FZOO with 3 directions). The recipe docs/recipes/hf_trainer.py has one launch.
+m, h and HiZOO's H; FZOO with 3 directions). The recipe docs/recipes/hf_trainer.py: the same in bf16
+under ZeRO-3 (MeZO with zo_scale's fp32 master).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,10 @@ def test_resume_continues_the_uninterrupted_trajectory(backend, root):
     assert sorted(resumed["weights"]) == sorted(full["weights"]) == sorted(full["initial"])
     diff = {k: (resumed["weights"][k] - full["weights"][k]).abs().max().item() for k in full["weights"]}
     assert max(diff.values()) == 0.0, diff
+    # the ZO lr is Trainer's linear schedule from 5e-2 to 0 over 4 steps, resumed or not
+    expected = {step: 5e-2 * (1 - (step - 1) / 4) for step in range(1, 5)}
+    assert full["zo_lrs"] == pytest.approx(expected, rel=1e-6)
+    assert resumed["zo_lrs"] == pytest.approx({s: expected[s] for s in (3, 4)}, rel=1e-6)
 
 
 @pytest.mark.parametrize("backend, case, words", [
@@ -90,12 +97,16 @@ def test_refused_settings_name_the_fix(backend, case, words, root):
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_recipe_trains_and_checkpoints_under_zero3(tmp_path):
-    """docs/recipes/hf_trainer.py as the docs launch it: torchrun, --deepspeed ds_zero3.json, 2 ranks."""
+def test_recipe_resumes_bf16_zero3_exactly(tmp_path):
+    """docs/recipes/hf_trainer.py as the docs launch it (torchrun, --deepspeed ds_zero3.json, 2 ranks),
+    in bf16: 4 steps saving checkpoint-2, then a resume from it; the final models are bit-identical."""
+    from safetensors.torch import load_file
+
     out = tmp_path / "out"
-    cmd = [*_launcher(2), RUN_SCRIPT, RECIPE, "--deepspeed", RECIPE.parent / "ds_zero3.json", "--use_cpu", "--output_dir", out,
-           "--optimizer", "HELENE", "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "4",
-           "--learning_rate", "1e-2", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true"]
+    cmd = [*_launcher(2), RUN_SCRIPT, RECIPE, "--deepspeed", RECIPE.parent / "ds_zero3.json", "--use_cpu", "--bf16",
+           "--output_dir", out, "--optimizer", "MeZO", "--max_steps", "4", "--save_steps", "2",
+           "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
+           "--report_to", "none", "--disable_tqdm", "true"]
     run_multiproc(cmd, env={"DS_ACCELERATOR": "cpu"}, timeout=TIMEOUT_S)
     ckpt = out / "checkpoint-2"
     assert sorted(p.name for p in (ckpt / "zo_scale_optimizer").glob("*.json")) == ["optim_rank00000.json",
@@ -103,13 +114,20 @@ def test_recipe_trains_and_checkpoints_under_zero3(tmp_path):
     assert (ckpt / "global_step0").is_dir()  # DeepSpeed's own checkpoint, next to the ZO state
     losses = [h["loss"] for h in json.loads((ckpt / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert len(losses) == 2 and all(l == l for l in losses)
-    from safetensors.torch import load_file
+    uninterrupted = load_file(out / "model.safetensors")
+    initial = _recipe_module().build_model(None).state_dict()
+    assert sorted(uninterrupted) == sorted(initial)
+    assert {t.dtype for t in uninterrupted.values()} == {torch.bfloat16}
+    assert max((uninterrupted[k].float() - initial[k]).abs().max().item() for k in initial) > 1e-3
 
-    trained = load_file(out / "model.safetensors")
-    import importlib.util
+    run_multiproc([*cmd, "--resume_from_checkpoint", ckpt], env={"DS_ACCELERATOR": "cpu"}, timeout=TIMEOUT_S)
+    resumed = load_file(out / "model.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in initial)
 
+
+def _recipe_module():
     spec = importlib.util.spec_from_file_location("hf_trainer_recipe", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    initial = recipe.build_model(None).state_dict()
-    assert max((trained[k].float() - initial[k]).abs().max().item() for k in trained) > 1e-3
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import import_deepspeed, quiet  # noqa: E402
@@ -100,6 +101,14 @@ def trainer_class(backend: str):
     return CPUFSDPTrainer
 
 
+class RecordZOLr(TrainerCallback):
+    def __init__(self, trainer, lrs: dict):
+        self.trainer, self.lrs = trainer, lrs
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.lrs[state.global_step] = self.trainer.zo_optimizer.last_stats.lr
+
+
 def refusals(backend: str, out: Path) -> dict[str, str]:
     """The one-line errors of what ZOTrainer refuses, by case (each refused before Trainer builds anything)."""
     from zo_scale.integrations import ZOTrainer
@@ -146,6 +155,8 @@ def main() -> None:
         model=tiny_llama(), args=args, train_dataset=dataset(),
         zo_optimizer=getattr(zo_scale, a.optimizer), zo_options=OPTIONS[a.optimizer],
     )
+    zo_lrs = {}  # the lr of each ZO step, to check it follows Trainer's scheduler
+    trainer.add_callback(RecordZOLr(trainer, zo_lrs))
     resume = str(a.out / "run" / f"checkpoint-{RESUME_AT}") if a.resume else None
     trainer.train(resume_from_checkpoint=resume)
     weights = full_weights(trainer)
@@ -153,7 +164,8 @@ def main() -> None:
     if trainer.is_world_process_zero():
         phase = "resumed" if a.resume else "full"
         torch.save({"weights": weights, "losses": losses, "initial": tiny_llama().state_dict(),
-                    "zo_steps": trainer.zo_optimizer.step_count, "refusals": refused, "backend": type(trainer.zo_optimizer.backend).__name__},
+                    "zo_steps": trainer.zo_optimizer.step_count, "refusals": refused,
+                    "zo_lrs": zo_lrs, "backend": type(trainer.zo_optimizer.backend).__name__},
                    a.out / f"{phase}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
