@@ -95,6 +95,12 @@ def test_refused_settings_name_the_fix(backend, case, words, root):
     assert message.startswith("zo_scale: ") and words in message, message
 
 
+def test_fp16_grad_scaler_leaves_the_step_alone(root):
+    """accelerate attaches a GradScaler for fp16 on GPUs; its step asserts a scaled loss (emulated on CPU)."""
+    full, _ = _runs_of("single", root)
+    assert full["scaler_run"] == "trained"
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_recipe_resumes_bf16_zero3_exactly(tmp_path):

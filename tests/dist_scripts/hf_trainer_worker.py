@@ -74,11 +74,13 @@ def training_args(backend: str, out: Path, **overrides):
         kw["fsdp"] = True
         kw["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT",
                              "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
-    return TrainingArguments(
-        output_dir=str(out / "run"), use_cpu=True, max_steps=MAX_STEPS, per_device_train_batch_size=PER_DEVICE_BATCH,
-        learning_rate=5e-2, lr_scheduler_type="linear", save_strategy="steps", save_steps=RESUME_AT,
-        logging_steps=1, report_to=[], seed=0, disable_tqdm=True, dataloader_drop_last=True, **{**kw, **overrides},
-    )
+    kw = {
+        "output_dir": str(out / "run"), "use_cpu": True, "max_steps": MAX_STEPS, "per_device_train_batch_size": PER_DEVICE_BATCH,
+        "learning_rate": 5e-2, "lr_scheduler_type": "linear", "save_strategy": "steps", "save_steps": RESUME_AT,
+        "logging_steps": 1, "report_to": [], "seed": 0, "disable_tqdm": True, "dataloader_drop_last": True,
+        **kw, **overrides,
+    }
+    return TrainingArguments(**kw)
 
 
 def trainer_class(backend: str):
@@ -132,6 +134,20 @@ def refusals(backend: str, out: Path) -> dict[str, str]:
     return messages
 
 
+def train_with_grad_scaler(out: Path) -> str:
+    """One step with the GradScaler accelerate attaches for fp16 on GPUs (emulated on CPU)."""
+    from zo_scale.integrations import ZOTrainer
+
+    args = training_args("single", out / "scaler", max_steps=1, save_strategy="no")
+    trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=dataset())
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    try:
+        trainer.train()
+    except Exception as e:  # what a user would see
+        return f"{type(e).__name__}: {e}"
+    return "trained"
+
+
 def full_weights(trainer) -> dict[str, torch.Tensor]:
     sd = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     return {k: v.detach().float().cpu().clone() for k, v in (sd or {}).items()}
@@ -150,6 +166,7 @@ def main() -> None:
     import zo_scale
 
     refused = {} if a.resume else refusals(a.backend, a.out)
+    scaler_run = train_with_grad_scaler(a.out) if a.backend == "single" and not a.resume else None
     args = training_args(a.backend, a.out)
     trainer = trainer_class(a.backend)(
         model=tiny_llama(), args=args, train_dataset=dataset(),
@@ -165,7 +182,7 @@ def main() -> None:
         phase = "resumed" if a.resume else "full"
         torch.save({"weights": weights, "losses": losses, "initial": tiny_llama().state_dict(),
                     "zo_steps": trainer.zo_optimizer.step_count, "refusals": refused,
-                    "zo_lrs": zo_lrs, "backend": type(trainer.zo_optimizer.backend).__name__},
+                    "zo_lrs": zo_lrs, "scaler_run": scaler_run, "backend": type(trainer.zo_optimizer.backend).__name__},
                    a.out / f"{phase}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -116,6 +116,9 @@ class ZOTrainer(Trainer):
     # ------------------------------------------------------------------ what Trainer calls "the optimizer"
 
     def create_optimizer(self, model=None):
+        # accelerate would wrap the holder with its fp16 GradScaler, whose step asserts that a loss
+        # was scaled and gradients checked: a ZO step has neither (fp16 forwards still autocast)
+        self.accelerator.scaler = None
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             params = [p for p in opt_model.parameters() if p.requires_grad]
