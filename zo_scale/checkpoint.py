@@ -18,6 +18,9 @@ each local range from the pieces that cover it. A run saved with FSDP2 on 2 rank
 ZeRO-3 on 3 ranks, or on one process, and vice versa: the layout is in global coordinates.
 Model weights are not part of this file (save them the way your engine does); with an fp32
 master the master is, and loading it overwrites the local weight shards with ``cast(master)``.
+``save_optimizer_state(..., weights=True)`` also stores each local weight shard (tensor
+``shard_weight``, same global-range layout) for engines that save no weights of their own (a
+ZeRO-3 engine without a DeepSpeed optimizer); loading restores them wherever a file has them.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from zo_scale.shards import fill_from_slices
+
 INDEX_FORMAT = "zo_scale.optim_index.v1"
 _NAME = re.compile(r"^optim_rank(\d{5})\.(pt|json)$")
+WEIGHT = "shard_weight"  # the local weight shard, in files saved with weights=True
 
 
 def _rank_world(group=None) -> tuple[int, int]:
@@ -63,8 +69,9 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_optimizer_state(opt, directory, *, barrier: bool = True) -> Path:
+def save_optimizer_state(opt, directory, *, barrier: bool = True, weights: bool = False) -> Path:
     """Write this rank's optimizer state and index into ``directory``; return the index path.
+    ``weights``: also the local weight shards (see the module docstring).
 
     Every rank of the optimizer's process group must call it (it ends with a barrier unless
     ``barrier=False``; then the caller synchronises before anyone reads the directory)."""
@@ -73,6 +80,9 @@ def save_optimizer_state(opt, directory, *, barrier: bool = True) -> Path:
     group = getattr(opt, "process_group", None)
     rank, world = _rank_world(group)
     sd = opt.state_dict()
+    if weights:
+        for v in opt.views:
+            sd["shards"][v.name]["tensors"][WEIGHT] = v.local.detach().clone()
     _atomic_write(directory / data_file(rank), lambda f: torch.save(sd, f))
     index = {
         "format": INDEX_FORMAT,
@@ -150,7 +160,18 @@ def load_optimizer_state(opt, directory) -> list[str]:
     backend = opt.backend
     backend.prepare_edit()  # loading a master rewrites the local shards: drop gathered copies first
     try:
+        _load_weights(opt, pieces)
         opt.load_state_dict(pieces)
     finally:
         backend.finish_edit()
     return [idx["file"] for idx in chosen]
+
+
+def _load_weights(opt, pieces: list[dict]) -> None:
+    """The local weight shards, from a save made with ``weights=True`` (nothing otherwise)."""
+    if not any(WEIGHT in e["tensors"] for sd in pieces for e in sd["shards"].values()):
+        return
+    for v in opt.views:
+        entries = (sd["shards"].get(v.name) for sd in pieces)
+        slices = [(e["start"], e["global_numel"], e["tensors"][WEIGHT]) for e in entries if e and WEIGHT in e["tensors"]]
+        fill_from_slices(v.local, v, slices, f"{v.name}/{WEIGHT}")

@@ -67,6 +67,12 @@ class Backend:
     def finish_edit(self) -> None:
         """Called after the optimizer edited ``local`` tensors (before the next forward)."""
 
+    def attach(self, optimizer) -> None:
+        """Called once the optimizer built on this backend is ready (its state exists)."""
+
+    def after_update(self) -> None:
+        """Called once a step's update is written (not after a skipped step)."""
+
     def eval_module(self) -> torch.nn.Module:
         return self.module
 

@@ -145,7 +145,8 @@ def full_params(model) -> dict[str, torch.Tensor]:
     if is_deepspeed_engine(model):
         import deepspeed
 
-        model.optimizer.get_param_coordinator().release_and_reset_all(model.module)
+        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # with a DeepSpeed optimizer: inside it
+        offload.get_param_coordinator().release_and_reset_all(model.module)
         named = trainable_named_parameters(model.module)
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
             return {n: p.detach().clone().float() for n, p in named}

@@ -23,11 +23,23 @@ gather reads a quantized copy), MiCS (``mics_shard_size > 0``, removed from rece
 parameter offload (``offload_param.device`` cpu/nvme: the partition lives in swap buffers).
 
 The optimizer never calls ``engine.step()`` (a forward-only engine has no DeepSpeed optimizer).
+Instead, after every ZO update (``after_update``):
+
+* an engine *with* a DeepSpeed optimizer (``DeepSpeedZeroOptimizer_Stage3``) gets its fp32 master
+  partitions (``fp32_partitioned_groups_flat``) overwritten with the ZO-updated values (zo_scale's
+  fp32 master where it keeps one, else the weight shard). Its own checkpoints, resume and
+  ``zero_to_fp32`` export then carry the ZO training; without this they hold the initial weights.
+* the engine's step counters advance as ``engine.step()`` would (``global_steps`` by one,
+  ``global_samples`` by ``train_batch_size()``), so default checkpoint tags and monitors see steps.
+
+``attach`` ties the engine's ``save_checkpoint`` / ``load_checkpoint`` to the ZO optimizer
+(``zo_scale/backends/zero3_checkpoint.py``).
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -98,6 +110,70 @@ class ZeRO3Backend(Backend):
                 "weight partitions directly, so never call engine.step() (it would write its own master back)",
                 stacklevel=3,
             )
+        self._optimizer = lambda: None  # weak reference to the ZO optimizer, once attached
+        self._fp32_slices: dict[str, torch.Tensor] | None = None
+
+    @property
+    def has_engine_master(self) -> bool:
+        """Whether DeepSpeed keeps its own fp32 copy of the partitions (an optimizer in the config)."""
+        return hasattr(self.engine.optimizer, "fp32_partitioned_groups_flat")
+
+    def attach(self, optimizer) -> None:
+        from zo_scale.backends import zero3_checkpoint
+
+        self._optimizer = weakref.ref(optimizer)
+        if self.has_engine_master:
+            self._fp32_slices = self._engine_master_slices()
+        zero3_checkpoint.install(self.engine, self)
+
+    def optimizer(self):
+        """The ZO optimizer built on this engine, or None once it is gone."""
+        return self._optimizer()
+
+    def _engine_master_slices(self) -> dict[str, torch.Tensor]:
+        """For each view, the slice of DeepSpeed's fp32 partition that holds its elements.
+
+        ``fp32_partitioned_groups_flat[i]`` is sub-group ``i``'s partitions (``fp16_groups[i]``)
+        flattened in order, each ``ds_tensor.ds_numel`` long (padding included), like the bit16
+        buffer ``fp16_partitioned_groups_flat[i]``. Views whose slice *is* the weight partition (an
+        fp32 engine where DeepSpeed reuses the buffer) need no copy and are left out."""
+        opt = self.engine.optimizer
+        where = {}
+        for group, flat in zip(opt.fp16_groups, opt.fp32_partitioned_groups_flat):
+            offset = 0
+            for p in group:
+                where[id(p)] = (flat, offset)
+                offset += int(p.ds_tensor.ds_numel)
+            if flat.numel() != offset:  # NVMe-swapped sub-groups keep an empty placeholder here
+                raise ValueError(
+                    "zo_scale: DeepSpeed keeps this engine's fp32 master partitions swapped out (offload_optimizer "
+                    "to nvme), where ZO updates cannot keep them in step; set offload_optimizer.device to cpu or "
+                    "none, or drop the optimizer section"
+                )
+        slices = {}
+        for v in self._views:
+            if id(v.param) not in where:
+                raise RuntimeError(f"zo_scale: {v.name} is not in the ZeRO-3 optimizer's parameter groups")
+            flat, offset = where[id(v.param)]
+            dest = flat.data.narrow(0, offset, v.numel)
+            if dest.data_ptr() != v.local.data_ptr():
+                slices[v.name] = dest
+        return slices
+
+    def sync_engine_master(self) -> None:
+        """Copy the ZO weights into DeepSpeed's fp32 master partitions (no-op without them)."""
+        opt = self.optimizer()
+        if not self._fp32_slices or opt is None:
+            return
+        for v in self._views:
+            dest = self._fp32_slices.get(v.name)
+            if dest is not None:
+                dest.copy_(opt.shard_state[v.name].get("master", v.local))
+
+    def after_update(self) -> None:
+        self.sync_engine_master()
+        self.engine.global_steps += 1
+        self.engine.global_samples += self.engine.train_batch_size()
 
     def _release_all(self) -> None:
         # release_and_reset_all waits for in-flight gathers and frees every gathered copy, persistent

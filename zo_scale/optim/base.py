@@ -131,6 +131,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if t is not None:  # None: this view keeps that state in another form (HiZOO-L's factors)
                     st[sname] = t
             self.shard_state[v.name] = st
+        self.backend.attach(self)
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -348,6 +349,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if theta is not local:
                     local.copy_(theta)
         self.backend.finish_edit()
+        self.backend.after_update()
         self._offset = 0
         total = float(sum(v.numel for v in self.views))
         if not self.reports_clipping:
