@@ -123,6 +123,8 @@ def refusals(backend: str, out: Path) -> dict[str, str]:
     if backend == "zero3":  # an "optimizer" section as most DeepSpeed configs have
         ds = ds_config(optimizer={"type": "AdamW", "params": {"lr": "auto"}})
         cases["ds_optimizer"] = lambda: ZOTrainer(model=tiny_llama(), args=training_args(backend, out, deepspeed=ds))
+        stage2 = {**ds_config(), "zero_optimization": {"stage": 2}}
+        cases["ds_stage2"] = lambda: ZOTrainer(model=tiny_llama(), args=training_args(backend, out, deepspeed=stage2))
     messages = {}
     for name, build in cases.items():
         try:

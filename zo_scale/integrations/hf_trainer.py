@@ -8,22 +8,28 @@ How it fits into Trainer (transformers 5.x, accelerate 1.x, read from their sour
 * Trainer, accelerate and DeepSpeed each need *an* optimizer before the model is wrapped, but a ZO
   optimizer needs the wrapped model (the DeepSpeed engine, the ``fully_shard`` module). So
   ``create_optimizer`` returns an :class:`LrHolder` — the trainable parameters and the lr that
-  Trainer's scheduler drives, whose ``step`` does nothing — and the ZO optimizer is built on the
-  first ``training_step`` from the model Trainer hands it. Its lr is the scheduler's at every step.
+  Trainer's scheduler drives, whose ``step`` changes no weight — and the ZO optimizer is built on
+  the model Trainer wrapped: under DeepSpeed on the engine right after accelerate created it (before
+  Trainer resumes it: see below), otherwise on the first ``training_step``. Its lr is the
+  scheduler's at every step.
 * ``training_step`` runs ``opt.step(closure)``: forwards only (eval mode, no grad), no backward, so
   Trainer's ``optimizer.step`` / ``zero_grad`` find no gradients and change nothing; gradient
   clipping is skipped. It returns the step's global loss, the loss Trainer logs.
-* Checkpoints: ``save_steps`` writes Trainer's files as usual plus ``zo_scale_optimizer/`` (one
-  file per rank, ``zo_scale.checkpoint``); ``resume_from_checkpoint`` loads Trainer's files, then
-  the ZO state into the optimizer it builds, so the trajectory continues exactly. Under ZeRO-3 the
-  engine's fp32 partitions — what ``engine.save_checkpoint`` writes and ``load_checkpoint`` copies
-  back over the weights — are refreshed from the ZO-updated weights before each save.
+* Checkpoints: ``save_steps`` writes Trainer's files as usual plus the ZO state; on
+  ``resume_from_checkpoint`` Trainer loads its files and the ZO state follows, so the trajectory
+  continues exactly. Under ZeRO-3 the engine itself carries the ZO state
+  (``zo_scale/backends/zero3_checkpoint.py``): Trainer's ``engine.save_checkpoint`` writes it to
+  ``checkpoint-N/global_stepN/zo_scale/`` and keeps DeepSpeed's fp32 partitions in step, and its
+  ``engine.load_checkpoint`` restores both — which is why the ZO optimizer must exist before that
+  load. Elsewhere ZOTrainer writes ``checkpoint-N/zo_scale_optimizer/`` (``zo_scale.checkpoint``,
+  one file per rank) and loads it into the optimizer it builds on the resumed model.
 
 Refused with a one-line error: ``optimizers=`` / ``optimizer_cls_and_kwargs`` (the ZO optimizer is
 ``zo_optimizer``), ``gradient_accumulation_steps > 1`` (a ZO step measures one batch: raise
 ``per_device_train_batch_size`` instead), a DeepSpeed config with ``optimizer`` or ``scheduler``
 sections (DeepSpeed would step them only in ``engine.step()``, which a ZO run never calls, so the
-lr would stay frozen; set ``learning_rate`` / ``lr_scheduler_type`` in TrainingArguments).
+lr would stay frozen; set ``learning_rate`` / ``lr_scheduler_type`` in TrainingArguments), and a
+DeepSpeed ZeRO stage other than 3 (its fp32 copies would not follow the ZO steps).
 """
 
 from __future__ import annotations
@@ -60,16 +66,6 @@ class LrHolder(torch.optim.Optimizer):
         return None
 
 
-def sync_deepspeed_master(engine) -> None:
-    """Copy ZeRO-3's weight partitions (which ZO steps edit) into its optimizer's fp32 partitions.
-
-    ``engine.save_checkpoint`` saves the fp32 partitions and ``load_checkpoint`` writes them back over
-    the weights, so without this a resumed run restarts from the weights of the first step."""
-    refresh = getattr(getattr(engine, "optimizer", None), "refresh_fp32_params", None)
-    if refresh is not None:
-        refresh()
-
-
 def _refuse_unsupported(args, ds_config: dict | None = None) -> None:
     if args.gradient_accumulation_steps != 1:
         raise ValueError(
@@ -78,6 +74,12 @@ def _refuse_unsupported(args, ds_config: dict | None = None) -> None:
         )
     if ds_config is None:
         ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0) if ds_config else None
+    if ds_config and stage != 3:
+        raise ValueError(
+            f"zo_scale: ZOTrainer runs DeepSpeed with ZeRO stage 3 only (got stage {stage}): the fp32 copies of "
+            "stages 0-2 would not follow the ZO steps; set zero_optimization.stage to 3"
+        )
     sections = [k for k in ("optimizer", "scheduler") if k in ds_config]
     if sections:
         raise ValueError(
@@ -92,7 +94,7 @@ class ZOTrainer(Trainer):
 
     ``zo_options`` are its keyword arguments besides the model; ``lr`` (``args.learning_rate``, then
     the scheduler's), ``weight_decay`` (``args.weight_decay``) and ``seed`` (``args.seed``) default
-    from TrainingArguments. The built optimizer is ``trainer.zo_optimizer`` (after the first step).
+    from TrainingArguments. The built optimizer is ``trainer.zo_optimizer`` (once ``train()`` has begun).
     """
 
     def __init__(self, *args, zo_optimizer: type[ZOOptimizer] = MeZO, zo_options: dict | None = None, **kwargs):
@@ -124,6 +126,15 @@ class ZOTrainer(Trainer):
             params = [p for p in opt_model.parameters() if p.requires_grad]
             self.optimizer = LrHolder(params, lr=self.args.learning_rate)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        # Trainer calls this right after accelerate built the DeepSpeed engine and before it resumes
+        # the engine: the ZO optimizer must be attached by then for load_checkpoint to restore its state
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if wrapped is not None:
+            self._zo_for(wrapped.engine)
+        return scheduler
 
     def _clip_grad_norm(self, model):
         return None  # no gradients: a ZO step has no backward
@@ -169,12 +180,11 @@ class ZOTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self.is_deepspeed_enabled:
-            sync_deepspeed_master(self.model_wrapped)
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.zo_optimizer is not None:
+        super()._save_optimizer_and_scheduler(output_dir)  # DeepSpeed: engine.save_checkpoint saves the ZO state
+        if self.zo_optimizer is not None and not self.is_deepspeed_enabled:
             save_optimizer_state(self.zo_optimizer, Path(output_dir) / ZO_STATE_DIR)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        self._zo_resume_from = checkpoint  # read when the ZO optimizer is built on the resumed model
+        if not self.is_deepspeed_enabled:  # DeepSpeed: engine.load_checkpoint restored the ZO state
+            self._zo_resume_from = checkpoint  # read when the ZO optimizer is built on the resumed model
