@@ -4,7 +4,8 @@ from the checkpoint-RESUME_AT of an earlier run, under one process, DeepSpeed Ze
     torchrun --nproc_per_node 2 tests/dist_scripts/hf_trainer_worker.py --backend zero3 --optimizer HELENE \
         --out /tmp/o [--resume]
 
-Writes ``{out}/{phase}.pt`` (rank 0): the full trained weights and Trainer's logged losses.
+Writes ``{out}/{phase}.pt`` (rank 0): the full trained weights, Trainer's logged losses, the ZO lr of
+each step and (first run) the results of the refusal and GradScaler checks.
 FSDP on CPU: accelerate turns FSDP on only for accelerator backends and silently gives DDP on CPU,
 so ``--backend fsdp`` sets the accelerator state to FSDP (with the plugin Trainer built from
 ``TrainingArguments(fsdp=...)``) right after Trainer created it — what it would be on GPUs.
@@ -13,7 +14,6 @@ so ``--backend fsdp`` sets the accelerator state to FSDP (with the plugin Traine
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -75,7 +75,8 @@ def training_args(backend: str, out: Path, **overrides):
         kw["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT",
                              "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
     kw = {
-        "output_dir": str(out / "run"), "use_cpu": True, "max_steps": MAX_STEPS, "per_device_train_batch_size": PER_DEVICE_BATCH,
+        "output_dir": str(out / "run"), "use_cpu": True, "max_steps": MAX_STEPS,
+        "per_device_train_batch_size": PER_DEVICE_BATCH,
         "learning_rate": 5e-2, "lr_scheduler_type": "linear", "save_strategy": "steps", "save_steps": RESUME_AT,
         "logging_steps": 1, "report_to": [], "seed": 0, "disable_tqdm": True, "dataloader_drop_last": True,
         **kw, **overrides,
@@ -117,7 +118,8 @@ def refusals(backend: str, out: Path) -> dict[str, str]:
 
     cases = {}
     if backend == "single":
-        cases["grad_accum"] = lambda: ZOTrainer(model=tiny_llama(), args=training_args(backend, out, gradient_accumulation_steps=2))
+        cases["grad_accum"] = lambda: ZOTrainer(model=tiny_llama(),
+                                                args=training_args(backend, out, gradient_accumulation_steps=2))
         cases["optimizers"] = lambda: ZOTrainer(model=tiny_llama(), args=training_args(backend, out),
                                                 optimizers=(torch.optim.SGD(tiny_llama().parameters(), lr=0.1), None))
     if backend == "zero3":  # an "optimizer" section as most DeepSpeed configs have

@@ -103,7 +103,9 @@ class ZOTrainer(Trainer):
             raise ValueError("zo_scale: ZOTrainer builds its ZO optimizer from zo_optimizer=; do not pass optimizers= "
                              "or optimizer_cls_and_kwargs=")
         if not (isinstance(zo_optimizer, type) and issubclass(zo_optimizer, ZOOptimizer)):
-            raise TypeError(f"zo_scale: zo_optimizer must be a zo_scale optimizer class (MeZO, HELENE, ...), got {zo_optimizer!r}")
+            raise TypeError(
+                f"zo_scale: zo_optimizer must be a zo_scale optimizer class (MeZO, HELENE, ...), got {zo_optimizer!r}"
+            )
         if kwargs.get("args") is not None:
             _refuse_unsupported(kwargs["args"])  # before Trainer starts an accelerator for them
         super().__init__(*args, **kwargs)
