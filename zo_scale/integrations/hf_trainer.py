@@ -14,7 +14,8 @@ How it fits into Trainer (transformers 5.x, accelerate 1.x, read from their sour
   scheduler's at every step.
 * ``training_step`` runs ``opt.step(closure)``: forwards only (eval mode, no grad), no backward, so
   Trainer's ``optimizer.step`` / ``zero_grad`` find no gradients and change nothing; gradient
-  clipping is skipped. It returns the step's global loss, the loss Trainer logs.
+  clipping is skipped and accelerate's fp16 GradScaler dropped. It returns the step's global loss,
+  the loss Trainer logs.
 * Checkpoints: ``save_steps`` writes Trainer's files as usual plus the ZO state; on
   ``resume_from_checkpoint`` Trainer loads its files and the ZO state follows, so the trajectory
   continues exactly. Under ZeRO-3 the engine itself carries the ZO state
