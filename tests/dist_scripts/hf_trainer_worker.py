@@ -72,7 +72,7 @@ def training_args(backend: str, out: Path, **overrides):
         kw["deepspeed"] = ds_config()
     elif backend == "fsdp":
         kw["fsdp"] = True
-        kw["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT",
+        kw["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
                              "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
     kw = {
         "output_dir": str(out / "run"), "use_cpu": True, "max_steps": MAX_STEPS,

@@ -49,8 +49,9 @@ ZO_STATE_DIR = "zo_scale_optimizer"  # inside each checkpoint-N folder, next to 
 class LrHolder(torch.optim.Optimizer):
     """The optimizer Trainer, accelerate and DeepSpeed see: the trainable parameters and the lr that
     Trainer's scheduler drives. Its ``step`` changes no weight — the ZO step already happened in
-    ``ZOTrainer.training_step`` — and only counts steps, so that FSDP's optimizer checkpoint has a
-    state to place (a stateless optimizer fails to load there: "Expected device to be set").
+    ``ZOTrainer.training_step`` — and only counts steps, in a one-element tensor per parameter, so
+    that FSDP's ``FULL_STATE_DICT`` optimizer load finds a device to place state on (it looks for a
+    state tensor of dim > 0; without one: "Expected device to be set").
     The count is created in ``step`` like any optimizer's state: accelerate (FSDP2) and DeepSpeed
     swap the parameters in the groups after construction, and state keyed by the old ones breaks
     ``state_dict``."""
@@ -62,7 +63,7 @@ class LrHolder(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
-                count = self.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+                count = self.state[p].setdefault("step", torch.zeros(1, dtype=torch.float32, device=p.device))
                 count += 1
         return None
 
