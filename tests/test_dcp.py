@@ -6,7 +6,8 @@ way torchtitan and pytorch/examples ``distributed/FSDP2`` do (DCP of get_*_state
 ``dcp_api`` True and False) and run on uninterrupted; 3 ranks and 1 process resume each checkpoint
 and must land on the uninterrupted trajectory bit for bit (one forward per sequence, fp64 loss sums).
 Optimizers: HELENE on bf16 weights (fp32 master, momentum, Hessian), MeZO in fp32 (no state) and
-HiZOO-L (factored Hessian, whole on every rank, plus a full one for 1-D tensors).
+HiZOO-L (factored Hessian, whole on every rank, plus a full one for 1-D tensors), HELENE-Muon on bf16
+(subspace momentum whole on every rank per matrix, its epoch in param_groups, momentum of 1-D tensors).
 
 Before the torch-layout state_dict (zo_scale/optim/state_dict.py) these failed: get_optimizer_state_dict
 raised ``zo_scale: ZO optimizers need a closure`` from torch's _init_optim_state and left lr 0 and zero
@@ -24,7 +25,7 @@ from conftest import REPO, VENV_BIN, free_port, run_multiproc
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 SCRIPT = REPO / "tests" / "dist_scripts" / "dcp_user_loop.py"
-OPTIMIZERS = ("HELENE", "MeZO", "HiZOOL")
+OPTIMIZERS = ("HELENE", "MeZO", "HiZOOL", "HELENEMuon")
 TIMEOUT_S = 300  # ~35-45 s each on 2 loaded cores
 
 
@@ -60,11 +61,16 @@ def test_state_is_torch_layout_with_dtensors_placed_like_the_parameters(results,
     rec = results("save", 2)[("fresh", name)]
     assert "error" not in rec, rec.get("error")
     assert {"params", "zo_format", "zo_optimizer", "zo_seed", "zo_counters", "lr"} <= set(rec["group_keys"])
+    assert ("momentum_epoch" in rec["group_keys"]) == (name == "HELENEMuon")
     expected = {"HELENE": {"master", "momentum", "hessian"}, "MeZO": set()}
     for fqn, entry in rec["layout"].items():
         if name == "HiZOOL":  # matrices keep R, C (plain, whole); 1-D tensors HiZOO's full H
             assert set(entry) in ({"hessian_rows", "hessian_cols"}, {"hessian"}), (fqn, entry)
             per_element = {k: v for k, v in entry.items() if k == "hessian"}
+        elif name == "HELENEMuon":  # matrices keep M (plain, whole); 1-D tensors a momentum; both a master
+            assert set(entry) in ({"master", "subspace_momentum"}, {"master", "momentum"}), (fqn, entry)
+            assert entry.get("subspace_momentum", ("Tensor", False)) == ("Tensor", False), (fqn, entry)
+            per_element = {k: v for k, v in entry.items() if k != "subspace_momentum"}
         else:
             assert set(entry) == expected[name], (fqn, entry)
             per_element = entry

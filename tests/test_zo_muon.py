@@ -9,10 +9,13 @@ import math
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from test_core_optim import EPS, SEED, TinyNet, _snapshot, batch, loss_of, run_steps
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 import zo_scale
 from zo_scale import rng
+from zo_scale.checkpoint import load_optimizer_state, save_optimizer_state
 from zo_scale.optim.lowrank import (
     change_of_basis,
     haar_basis,
@@ -242,34 +245,107 @@ def test_restore_within_rounding_without_master_and_frozen_untouched():
 # ---------------------------------------------------------------------------- checkpoints
 
 
+CHECKPOINTS = ("state_dict", "zo_checkpoint", "dsd", "dsd_flat", "dcp")
+
+
+def _checkpoint(how, model, opt, directory):
+    """Save ``opt``'s state the way ``how`` does; returns ``load(model, opt)`` that restores it.
+      state_dict     opt.state_dict() / load_state_dict (torch's layout on a plain model)
+      zo_checkpoint  zo_scale.checkpoint.save_optimizer_state / load_optimizer_state (the flat-range
+                     format of run checkpoints, ZeRO-3 and DeepSpeed engine checkpoints)
+      dsd, dsd_flat  get_optimizer_state_dict / set_optimizer_state_dict (dsd_flat: torchtitan's
+                     flatten_optimizer_state_dict=True, rebuilt from the live state names and group keys)
+      dcp            dcp.save of get_optimizer_state_dict, dcp.load into the new optimizer's, set_..."""
+    if how == "state_dict":
+        sd = copy.deepcopy(opt.state_dict())  # torch's convention: the optimizer's own tensors
+        return lambda m, o: o.load_state_dict(sd)
+    if how == "zo_checkpoint":
+        save_optimizer_state(opt, directory)
+        return lambda m, o: load_optimizer_state(o, directory)
+    if how == "dcp":
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=directory)
+
+        def load(m, o):
+            sd = {"optim": get_optimizer_state_dict(m, o)}
+            dcp.load(sd, checkpoint_id=directory)
+            set_optimizer_state_dict(m, o, sd["optim"])
+
+        return load
+    options = StateDictOptions(flatten_optimizer_state_dict=how == "dsd_flat")
+    sd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=options))
+    return lambda m, o: set_optimizer_state_dict(m, o, sd, options=options)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp on one process, as intended
+@pytest.mark.parametrize("how", CHECKPOINTS)
 @pytest.mark.parametrize("cls", [zo_scale.ZOMuon, zo_scale.HELENEMuon])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # P resampled every 3 steps: saved right before a resample (step 3 starts epoch 1: the resumed run projects M)
-# and inside epoch 1 (M already in its coordinates)
+# and inside epoch 1 (M already in its coordinates: a momentum epoch that came back as 0 would project it again)
 @pytest.mark.parametrize("save_at", [3, 4])
-def test_state_dict_round_trip_across_a_resample_continues_bitwise(cls, dtype, save_at):
+def test_checkpoint_round_trip_across_a_resample_continues_bitwise(cls, dtype, save_at, how, tmp_path):
+    """Every way a checkpoint goes keeps HELENE-Muon's subspace momentum M and its epoch (before they
+    were per-parameter state and a group entry, the flat-range format and torch's get/set dropped
+    both, and the resumed run left the trajectory); ZO-Muon keeps no P: it is redrawn from the step."""
     model, (x, y) = TinyNet(dtype), batch(dtype)
     closure = lambda m: (lambda: torch.nn.functional.mse_loss(m(x).float(), y.float()))  # noqa: E731
     opt = _muon(model, cls, resample_every=3)
     for _ in range(save_at):
         opt.step(closure(model))
-    saved_model, saved_state = copy.deepcopy(model), copy.deepcopy(opt.state_dict())
+    saved_model, load = copy.deepcopy(model), _checkpoint(how, model, opt, tmp_path / how)
     for _ in range(6 - save_at):  # resamples at steps 3 (and 6)
         opt.step(closure(model))
     opt2 = _muon(saved_model, cls, resample_every=3, lr=0.5)  # lr comes from the checkpoint
-    opt2.load_state_dict(saved_state)
+    load(saved_model, opt2)
+    assert opt2.step_count == save_at and opt2.param_groups[0]["lr"] == 0.05
     for _ in range(6 - save_at):
         opt2.step(closure(saved_model))
     for (k, a), b in zip(model.named_parameters(), saved_model.parameters()):
         assert torch.equal(a, b), k
     assert opt2.forward_passes == opt.forward_passes == 24
+    if cls is zo_scale.HELENEMuon:
+        assert opt2.momentum_epoch == opt.momentum_epoch == 1
+        for name, m in opt.subspace_momentum.items():
+            assert torch.equal(opt2.subspace_momentum[name], m), name
 
 
-def test_helene_muon_refuses_a_checkpoint_of_another_rank():
-    model = TinyNet(torch.float32)
-    sd = _muon(model, zo_scale.HELENEMuon, rank=2).state_dict()
-    with pytest.raises(ValueError, match="subspace momentum"):
+def test_helene_muon_state_is_m_per_matrix_and_the_epoch_in_the_group():
+    model, (x, y) = TinyNet(torch.float32), batch(torch.float32)
+    opt = _muon(model, zo_scale.HELENEMuon, resample_every=2)
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["momentum_epoch"] == 1
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for i, name in enumerate(names):
+        entry = sd["state"][i]
+        if name in ("fc1.weight", "fc2.weight"):  # M (r×n), the optimizer's own tensor, whole
+            assert set(entry) == {"subspace_momentum"}
+            assert entry["subspace_momentum"] is opt.subspace_momentum[name]
+            assert entry["subspace_momentum"].abs().sum() > 0
+        else:  # 1-D tensors: shard-shaped momentum
+            assert set(entry) == {"momentum"}
+    flat = opt.flat_state_dict()
+    assert flat["hparams"]["momentum_epoch"] == 1
+    assert all(torch.equal(flat["subspace_momentum"][n], m) for n, m in opt.subspace_momentum.items())
+
+
+@pytest.mark.parametrize("layout, match", [
+    ("torch", r"fc1.weight/subspace_momentum has shape \[2, 5\] in the checkpoint, \[4, 5\] here"),
+    ("flat", r"fc1.weight's subspace momentum is \(4, 5\) here, \(2, 5\) in the checkpoint"),
+])
+def test_helene_muon_refuses_a_checkpoint_of_another_rank(layout, match):
+    opt = _muon(TinyNet(torch.float32), zo_scale.HELENEMuon, rank=2)
+    sd = opt.state_dict() if layout == "torch" else opt.flat_state_dict()
+    with pytest.raises(ValueError, match=match):
         _muon(TinyNet(torch.float32), zo_scale.HELENEMuon, rank=4).load_state_dict(sd)
+
+
+def test_helene_muon_refuses_a_flat_state_without_its_momentum():
+    sd = _muon(TinyNet(torch.float32), zo_scale.ZOMuon).flat_state_dict()
+    sd["optimizer"] = "HELENEMuon"
+    with pytest.raises(ValueError, match="HELENEMuon state without its subspace momentum"):
+        _muon(TinyNet(torch.float32), zo_scale.HELENEMuon).load_state_dict(sd)
 
 
 # ---------------------------------------------------------------------------- errors and options

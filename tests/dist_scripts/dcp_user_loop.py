@@ -59,6 +59,9 @@ OPTIMIZERS = {  # name -> (weights dtype, options): every kind of state, and non
     "HELENE": (torch.bfloat16, dict(lr=1e-3, eps=1e-2, anneal_horizon=4.0)),
     "MeZO": (torch.float32, dict(lr=1e-2, eps=1e-2)),
     "HiZOOL": (torch.float32, dict(lr=1e-2, eps=1e-2, hessian_smooth=1e-3)),
+    # M (r×n, whole on every rank) per matrix, its epoch in the group; resampled at step 3, after the resume
+    "HELENEMuon": (torch.bfloat16, dict(lr=1e-3, eps=1e-2, n_directions=2, rank=4, resample_every=3, lr_1d=1e-3,
+                                        anneal_horizon=4.0)),
 }
 KINDS = ("dsd", "titan", "plain", "full_dcp", "full_dtensor")
 FLAT = {"dsd": StateDictOptions(), "titan": StateDictOptions(flatten_optimizer_state_dict=True)}

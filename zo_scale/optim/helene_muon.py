@@ -18,11 +18,15 @@ is the projection of the old momentum P_old·M; ``'reset'`` starts it again from
 
 State. M is r·n numbers per matrix, identical on every rank (every rank computes G, and needs all
 of M for NS5): it is replicated, not sharded — nothing to gather, and 4·Σ r·n bytes per rank
-(fp32; fp64 if ``state_dtype`` is fp64). Every rank saves it whole, with the epoch of its
-coordinates, so any rank's file resumes any world size; a run resumed on the other side of a
-resample projects (or resets) it at its first step, as an uninterrupted run does. The 1-D momentum
-is shard-shaped, like HELENE's. The projection needs both bases whole: every rank redraws them
-(an m×r QR each, once per resample) instead of communicating.
+(fp32; fp64 if ``state_dtype`` is fp64). It is its matrix's per-parameter state
+``subspace_momentum`` (as HiZOO-L's factors): a plain tensor, whole on every rank, in torch's
+layout (``opt.state_dict()``, DCP) and in the flat-range one (``flat_state_dict()``, which
+zo_scale.checkpoint writes); so any rank's copy resumes any world size. The epoch of its
+coordinates is ``param_groups[0]["momentum_epoch"]``: group entries are saved by both layouts and
+by torch's flattened state dict. A run resumed on the other side of a resample projects (or
+resets) M at its first step, as an uninterrupted run does. The 1-D momentum is shard-shaped, like
+HELENE's. The projection needs both bases whole: every rank redraws them (an m×r QR each, once
+per resample) instead of communicating.
 """
 
 from __future__ import annotations
@@ -66,16 +70,29 @@ class HELENEMuon(ZOMuon):
             )
         if not 0 <= beta1 < 1 or not anneal_horizon > 0:
             raise ValueError("zo_scale: HELENEMuon needs 0 <= beta1 < 1 and anneal_horizon > 0")
+        # M per matrix (replicated; updated in place, opt.state shows it), filled below: the base
+        # constructor's _param_state already reads it
+        self.subspace_momentum: dict[str, torch.Tensor] = {}
         super().__init__(model, lr=lr, beta1=beta1, anneal=anneal, anneal_horizon=anneal_horizon,
                          resample_momentum=resample_momentum, **kwargs)
-        self.subspace_momentum: dict[str, torch.Tensor] = {}
         for v in self.views:
             if matrix_shape(v.global_shape) is not None:
                 _, n = matrix_shape(v.global_shape)
                 self.subspace_momentum[v.name] = torch.zeros(self._rank_of(v), n, dtype=self._momentum_dtype(),
                                                              device=v.local.device)
-        self.momentum_epoch = 0  # the subspace epoch whose coordinates M is in
+        self.momentum_epoch = 0
         self._alpha = None
+        self._expose_state()  # again, now with M
+
+    @property
+    def momentum_epoch(self) -> int:
+        """The subspace epoch whose coordinates M is in: a ``param_groups[0]`` entry, so that every
+        checkpoint layout keeps it with the options."""
+        return int(self.param_groups[0]["momentum_epoch"])
+
+    @momentum_epoch.setter
+    def momentum_epoch(self, epoch: int) -> None:
+        self.param_groups[0]["momentum_epoch"] = epoch
 
     def _momentum_dtype(self) -> torch.dtype:
         return torch.float64 if self.state_dtype == torch.float64 else torch.float32
@@ -135,26 +152,34 @@ class HELENEMuon(ZOMuon):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict:
-        """The base state (1-D momentum and master, by global range) plus every matrix's M, whole
-        and identical on every rank, with the epoch of its coordinates."""
-        sd = super().state_dict()
+    def _param_state(self, view):
+        st = super()._param_state(view)
+        m = self.subspace_momentum.get(view.name)
+        if m is not None:  # whole on every rank: a plain tensor in either layout
+            st["subspace_momentum"] = m
+        return st
+
+    def flat_state_dict(self) -> dict:
+        """The base state (1-D momentum and master by global range; the momentum epoch among the
+        group's entries) plus every matrix's M, whole and identical on every rank, so any rank's
+        file resumes any world size."""
+        sd = super().flat_state_dict()
         sd["subspace_momentum"] = {name: m.detach().clone() for name, m in self.subspace_momentum.items()}
-        sd["momentum_epoch"] = self.momentum_epoch
         return sd
 
-    def load_state_dict(self, state_dict) -> None:
+    def load_flat_state_dict(self, state_dict) -> None:
         pieces = state_dict if isinstance(state_dict, (list, tuple)) else [state_dict]
         saved = pieces[0].get("subspace_momentum")
         if saved is None:
-            raise ValueError("zo_scale: HELENEMuon state without its subspace momentum")
+            raise ValueError("zo_scale: HELENEMuon state without its subspace momentum "
+                             f"(a {pieces[0].get('optimizer')!r} state, or one saved before it was kept)")
         if set(saved) != set(self.subspace_momentum):
             raise ValueError(f"zo_scale: the checkpoint has subspace momentum for {sorted(saved)}, "
                              f"this HELENEMuon for {sorted(self.subspace_momentum)}")
-        super().load_state_dict(state_dict)
         for name, m in self.subspace_momentum.items():
             if tuple(saved[name].shape) != tuple(m.shape):
                 raise ValueError(f"zo_scale: {name}'s subspace momentum is {tuple(m.shape)} here, "
-                                 f"{tuple(saved[name].shape)} in the checkpoint (another rank?)")
+                                 f"{tuple(saved[name].shape)} in the checkpoint (saved with another rank option?)")
+        super().load_flat_state_dict(state_dict)  # the momentum epoch comes back with the group's entries
+        for name, m in self.subspace_momentum.items():
             m.copy_(saved[name])
-        self.momentum_epoch = int(pieces[0]["momentum_epoch"])

@@ -14,7 +14,10 @@ checkpoint code expect from an optimizer.
   them on load to any world size; where the parameter is replicated, a tensor of its shape. Which
   names a parameter has: ``master`` (fp32 copy of low-precision weights), then the optimizer's own
   (HELENE ``momentum``, ``hessian``; HiZOO ``hessian``; HiZOO-L ``hessian_rows``/``hessian_cols``,
-  whole on every rank, for factored tensors). MeZO and FZOO without a master keep none.
+  whole on every rank, for factored tensors; HELENE-Muon ``subspace_momentum``, whole on every rank,
+  for matrices and ``momentum`` for 1-D tensors). MeZO, FZOO and ZO-Muon without a master keep none.
+  State that is not a tensor (HELENE-Muon's ``momentum_epoch``) is an entry of the group: both
+  layouts and torch's flattened state dict keep the group's entries.
 * the ``zo_*`` entries are in the live ``opt.param_groups[0]`` too: torch rebuilds a flattened state
   dict (``StateDictOptions(flatten_optimizer_state_dict=True)``, as torchtitan saves) from the live
   group's keys. ``zo_counters`` there is None until ``state_dict()`` writes it: a 1-D tensor on the
