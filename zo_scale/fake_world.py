@@ -14,6 +14,7 @@ where a real engine assumes real data or real peers:
   re-pads uneven shards into new storage, which the optimizer (built before) rightly refuses.
 * :func:`_without_shm_comm`: DeepSpeed's CPU backend would build and start a shared-memory all-reduce
   kernel that waits for the node's other processes.
+* :func:`sharded_replication_degrees`: HiZOO-L sums element counts over ranks when it is built.
 * :func:`build_zero3` ties the weights again after ``zero.Init``: transformers ties them after its
   weight init, which the dry run skips (there are no weights to initialise).
 """
@@ -82,7 +83,7 @@ def build_zero3(shape: ModelShape, dtype: torch.dtype, fake_mode, ds_config: dic
 
     with _without_shm_comm():
         deepspeed.init_distributed(dist_backend="fake")
-    with fake_mode, no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    with fake_mode, no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = _transformers_model(shape, dtype, "cpu")
     # transformers ties input and output embeddings after initialising weights, which no_init_weights skips
     model.tie_weights()
@@ -121,3 +122,19 @@ def skip_deepspeed_rank_agreement():
         yield
     finally:
         coordinator.assert_ints_same_as_other_ranks = saved
+
+
+@contextlib.contextmanager
+def sharded_replication_degrees():
+    """HiZOO-L learns at construction how many ranks hold each element of its factored tensors, from one
+    all-reduce of element counts, which a fake group cannot sum. Under FSDP2 and ZeRO-3 every parameter of
+    the models the dry run builds is sharded: each element is held once."""
+    from zo_scale.optim.hizoo_l import HiZOOL
+
+    saved = HiZOOL._replication_degrees
+    HiZOOL._replication_degrees = lambda self: {name: 1.0 for name in self._layout}
+    try:
+        yield
+    finally:
+        HiZOOL._replication_degrees = saved
+

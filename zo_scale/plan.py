@@ -337,8 +337,10 @@ def plan(
     p.parts[f"optimizer state ({state_dtype})"] = STATE_TENSORS[optimizer] * shard * sb
     if optimizer == "hizoo-l":  # fp32 R, C replicated; vectors' H sharded; the step's fp64 sums of R, C
         factors, vectors, _ = factored_state_numbers(shape)
-        vec_shard = -(-vectors // gpus) if backend != "replicated" else vectors
-        p.parts[f"optimizer state ({state_dtype})"] = 4 * factors + sb * vec_shard
+        vec_shard = sum(plan_gather.shard_numel(t, backend, gpus, rank)
+                        for t in plan_gather.model_params(shape) if len(t.shape) == 1)
+        matrices = len(shape.matrices()[0])  # each keeps 1/ΣR as a 0-d fp32 tensor too
+        p.parts[f"optimizer state ({state_dtype})"] = 4 * factors + sb * vec_shard + 4 * matrices
         p.parts["factor sums (fp64, per step)"] = 8 * factors
     p.parts["fp32 master shard"] = 4 * shard if master else 0
     p.parts["z chunk (fp32)"] = 4 * min(chunk, shard)
@@ -362,7 +364,12 @@ def _activations(shape, b, s, wb, attention):
         attn += b * heads * s * s * (wb + 8 if wb < 4 else 8)
     mlp_width = 2 * f if shape.family == "opt" else 3 * f
     return Activations(residual=2 * tokens * h * wb, attention=attn, mlp=tokens * mlp_width * wb,
-                       logits=tokens * shape.vocab * wb, loss=tokens * shape.vocab * (wb + 4 + 4))
+                       logits=tokens * shape.vocab * wb, loss=tokens * shape.vocab * (wb + _upcast(wb) + 4))
+
+
+def _upcast(wb: int) -> int:
+    """Bytes per element of the loss's fp32 copy of low-precision logits (fp32 logits are used as they are)."""
+    return 4 if wb < 4 else 0
 
 
 def _forward_peak(shape, b, s, wb, attention, notes) -> int:
