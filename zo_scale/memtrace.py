@@ -11,7 +11,8 @@ the storages alive after each op; its maximum is the step's peak of tensor bytes
 
 This checks ``zo_scale.plan``'s arithmetic against what the libraries really allocate (a KV cache
 nobody reads, an fp32 copy of the logits), for one process holding the whole model. Sharding adds
-the engine's gathered-parameter buffers, which the planner models and a trace on one process can't.
+the engine's gathered-parameter buffers: ``python -m zo_scale.dryrun`` traces those, one rank of a
+fake W-rank world at a time, with this counter (and :func:`following_fsdp2_resizes`).
 """
 
 from __future__ import annotations

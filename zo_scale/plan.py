@@ -7,8 +7,10 @@ A ZO step needs no gradients and no activations kept for a backward pass, so a G
 weight shard, the parameters the engine gathers for the layer being run (plus prefetch), the
 forward's peak (one layer's working set or the logits and the loss's fp32 copies, whichever is
 larger), the optimizer's per-coordinate state and fp32 master shard, and one z chunk. ``plan()``
-adds these up; the CLI prints them. Estimates: ``python -m zo_scale.memtrace`` checks them against
-a fake-tensor trace of the real model and optimizer, bench/step_bench.py against a real GPU.
+adds these up; the CLI prints them. The engines' gathers are replayed by ``zo_scale.plan_gather``.
+Estimates: ``python -m zo_scale.memtrace`` checks them against a fake-tensor trace of the real model and
+optimizer on one process, ``python -m zo_scale.dryrun`` against one real sharded step per rank at W ranks,
+bench/step_bench.py against a real GPU.
 """
 
 from __future__ import annotations
