@@ -11,12 +11,14 @@ the storages alive after each op; its maximum is the step's peak of tensor bytes
 
 This checks ``zo_scale.plan``'s arithmetic against what the libraries really allocate (a KV cache
 nobody reads, an fp32 copy of the logits), for one process holding the whole model. Sharding adds
-the engine's gathered-parameter buffers, which the planner models and a trace on one process can't.
+the engine's gathered-parameter buffers: ``python -m zo_scale.dryrun`` traces those, one rank of a
+fake W-rank world at a time, with this counter (and :func:`following_fsdp2_resizes`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import weakref
 from dataclasses import dataclass
@@ -54,6 +56,18 @@ class LiveTensorBytes(TorchDispatchMode):
             self._add(t.untyped_storage())
         self.peak = max(self.peak, self.live)
 
+    def resized(self, tensor) -> None:
+        """``tensor``'s storage was resized in place (FSDP2 frees and refills its gathered parameters so,
+        out of sight of aten ops): count its new size from now on."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self._sizes:
+            self._add(storage)
+        else:
+            self.live += storage.nbytes() - self._sizes[key]
+            self._sizes[key] = storage.nbytes()
+        self.peak = max(self.peak, self.live)
+
     def _add(self, storage) -> None:
         key = storage._cdata
         if key not in self._sizes:
@@ -71,6 +85,35 @@ class LiveTensorBytes(TorchDispatchMode):
                 self._add(t.untyped_storage())
         self.peak = max(self.peak, self.live)
         return out
+
+
+@contextlib.contextmanager
+def following_fsdp2_resizes(counter: LiveTensorBytes):
+    """FSDP2 frees a gathered parameter by resizing its storage to 0 bytes and refills it by resizing it back
+    (``_fsdp_param.free_storage`` / ``alloc_storage``), which no aten op sees: tell ``counter`` each time."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def counted_alloc(tensor):
+        alloc(tensor)
+        counter.resized(tensor)
+
+    def counted_free(tensor):
+        free(tensor)
+        counter.resized(tensor)
+
+    # _fsdp_param_group imports alloc_storage by name
+    patched = [(_fsdp_param, "alloc_storage", counted_alloc), (_fsdp_param, "free_storage", counted_free),
+               (_fsdp_param_group, "alloc_storage", counted_alloc)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
+    for mod, name, fn in patched:
+        setattr(mod, name, fn)
+    try:
+        yield counter
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
 
 
 def build_model(shape: ModelShape, dtype: torch.dtype, device="cpu", attention: str = "sdpa"):

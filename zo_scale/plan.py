@@ -7,8 +7,10 @@ A ZO step needs no gradients and no activations kept for a backward pass, so a G
 weight shard, the parameters the engine gathers for the layer being run (plus prefetch), the
 forward's peak (one layer's working set or the logits and the loss's fp32 copies, whichever is
 larger), the optimizer's per-coordinate state and fp32 master shard, and one z chunk. ``plan()``
-adds these up; the CLI prints them. Estimates: ``python -m zo_scale.memtrace`` checks them against
-a fake-tensor trace of the real model and optimizer, bench/step_bench.py against a real GPU.
+adds these up; the CLI prints them. The engines' gathers are replayed by ``zo_scale.plan_gather``.
+Estimates: ``python -m zo_scale.memtrace`` checks them against a fake-tensor trace of the real model and
+optimizer on one process, ``python -m zo_scale.dryrun`` against one real sharded step per rank at W ranks,
+bench/step_bench.py against a real GPU.
 """
 
 from __future__ import annotations
@@ -217,6 +219,7 @@ class Plan:
     # per-GPU bytes, one entry per line of the report
     parts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    gather_bytes_per_forward: int = 0  # what this GPU receives from the engine's all-gathers in one forward
 
     @property
     def total_bytes(self) -> int:
@@ -314,14 +317,19 @@ def plan(
     persistence_threshold: int = 100_000,
     attention: str = "eager",
     reserve_gib: float = 1.0,
-    rank: int = 64,
+    max_live_parameters: int = 1_000_000_000,
+    reuse_distance: int = 1_000_000_000,
+    rank: int = 0,
+    subspace_rank: int = 64,
     n_directions: int = 4,
     batched_probes: bool = False,
 ) -> Plan:
     """Per-GPU bytes of a ZO run. ``batch`` is the micro-batch each GPU runs its forwards on;
     ``prefetch_bucket`` and ``persistence_threshold`` are ZeRO-3's stage3_* settings in elements;
     ``attention`` 'eager' materialises B·heads·S² scores, 'sdpa' (flash/memory-efficient) does not;
-    ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack; ``rank`` and
+    ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack. ``max_live_parameters`` and
+    ``reuse_distance`` are ZeRO-3's stage3_max_live_parameters / stage3_max_reuse_distance (elements).
+    ``rank``: whose shard to count (rank 0 holds the most on both backends). ``subspace_rank`` and
     ``n_directions`` are ZO-Muon's / HELENE-Muon's r and N; ``batched_probes``: the forward carries every
     probe group (``batched_probe_bytes``)."""
     shape = resolve_model(model)
@@ -338,25 +346,49 @@ def plan(
         raise PlanError(f"gpu memory must be positive, got {gpu_mem_gib} GiB")
     if chunk < 1 or prefetch_bucket < 0 or persistence_threshold < 0 or reserve_gib < 0:
         raise PlanError("chunk must be >= 1; prefetch bucket, persistence threshold and reserve >= 0")
+    if max_live_parameters < 0 or reuse_distance < 0:
+        raise PlanError("max live parameters and reuse distance must be >= 0")
+    if not 0 <= rank < gpus:
+        raise PlanError(f"rank {rank} is not one of the {gpus} GPUs")
     if master is None:  # as the optimizers default: a master wherever weights are low precision
         master = dtype != "fp32"
 
     wb, sb = DTYPE_BYTES[dtype], DTYPE_BYTES[state_dtype]
     n = shape.param_count()
-    shard = -(-n // gpus) if backend != "replicated" else n  # elements this GPU owns
+    from zo_scale import plan_gather  # imports this module's ModelShape
+
+    shard = sum(plan_gather.shard_numel(t, backend, gpus, rank) for t in plan_gather.model_params(shape))
     p = Plan(shape.name, n, gpus, backend, dtype, optimizer, state_dtype, bool(master), batch, seq,
              int(gpu_mem_gib * GIB))
     p.parts["weight shard"] = shard * wb
-    p.parts["gathered parameters"] = _gathered(shape, backend, gpus, wb, prefetch_bucket, persistence_threshold, p.notes)
-    p.parts["forward peak (activations)"] = _forward_peak(shape, batch, seq, wb, attention, p.notes)
+    if backend == "replicated" or gpus == 1:
+        p.parts["gathered parameters"] = 0
+        p.parts["forward peak (activations)"] = _forward_peak(shape, batch, seq, wb, attention, p.notes)
+    else:
+        act = _activations(shape, batch, seq, wb, attention)
+        if backend == "fsdp2":
+            replay = plan_gather.fsdp2_forward(shape, gpus, wb, act)
+        else:
+            replay = plan_gather.zero3_forward(shape, gpus, wb, act, bucket=prefetch_bucket,
+                                               max_live=max_live_parameters, reuse_distance=reuse_distance,
+                                               persistence=persistence_threshold)
+        # one moment of the forward: the gathered parameters and buffers alive then, and the activations
+        p.parts["gathered parameters"] = replay.peak.gathered
+        p.parts["forward peak (activations)"] = replay.peak.activations
+        p.gather_bytes_per_forward = replay.gather_bytes
+        p.notes.append(f"{backend} forward peak at {replay.peak.where}: {replay.peak.gathered / GIB:.2f} GiB gathered "
+                       f"+ {replay.peak.activations / GIB:.2f} GiB activations; {replay.gathers} all-gathers "
+                       f"({replay.gather_bytes / GIB:.2f} GiB) per forward")
     p.parts[f"optimizer state ({state_dtype})"] = STATE_TENSORS[optimizer] * shard * sb
     if optimizer == "hizoo-l":  # fp32 R, C replicated; vectors' H sharded; the step's fp64 sums of R, C
         factors, vectors, _ = factored_state_numbers(shape)
-        vec_shard = -(-vectors // gpus) if backend != "replicated" else vectors
-        p.parts[f"optimizer state ({state_dtype})"] = 4 * factors + sb * vec_shard
+        vec_shard = sum(plan_gather.shard_numel(t, backend, gpus, rank)
+                        for t in plan_gather.model_params(shape) if len(t.shape) == 1)
+        matrices = len(shape.matrices()[0])  # each keeps 1/ΣR as a 0-d fp32 tensor too
+        p.parts[f"optimizer state ({state_dtype})"] = 4 * factors + sb * vec_shard + 4 * matrices
         p.parts["factor sums (fp64, per step)"] = 8 * factors
     if optimizer in ("zo-muon", "helene-muon"):
-        _subspace_parts(p, shape, _positive_int(rank, "rank"), _positive_int(n_directions, "n_directions"),
+        _subspace_parts(p, shape, _positive_int(subspace_rank, "subspace_rank"), _positive_int(n_directions, "n_directions"),
                         sb, gpus if backend != "replicated" else 1)
     p.parts["fp32 master shard"] = 4 * shard if master else 0
     p.parts["z chunk (fp32)"] = 4 * min(chunk, shard)
@@ -387,24 +419,24 @@ def _subspace_parts(p: Plan, shape: ModelShape, rank: int, n_directions: int, sb
     p.parts[P_DRAW] = 8 * 2 * k["qr"] + 4 * n_directions * k["factors"]
 
 
-def _gathered(shape, backend, gpus, wb, bucket, persist, notes) -> int:
-    """Bytes of full (unsharded) parameters alive at once during a forward, beyond the shard."""
-    if backend == "replicated" or gpus == 1:
-        return 0
-    layer_mods = shape.layer_modules()
-    outer = shape.outer_modules()
-    if backend == "zero3":
-        # ZeRO-3 gathers module by module; the largest one plus the prefetch bucket are live, and
-        # parameters at or below the persistence threshold stay gathered on every rank for good.
-        largest = max(layer_mods + outer)
-        persistent = sum(m for m in layer_mods if m <= persist) * shape.layers + sum(m for m in outer if m <= persist)
-        notes.append(f"ZeRO-3: largest module {largest / 1e6:.0f} M elements + prefetch bucket "
-                     f"{bucket / 1e6:.0f} M + {persistent / 1e6:.1f} M persistent small parameters")
-        return (largest + bucket + persistent) * wb
-    # FSDP2: one unit per decoder layer plus the root (embeddings, norm, head); the unit being run
-    # and the one prefetched are unsharded together.
-    unit = max(shape.layer_params(), sum(outer))
-    return 2 * unit * wb
+def _activations(shape, b, s, wb, attention):
+    """The forward's activation terms of ``_forward_peak``, apart, for the sharded replays."""
+    from zo_scale.plan_gather import Activations
+
+    h, f, heads = shape.hidden, shape.ffn, shape.heads
+    kv = (shape.kv_heads or heads) * shape.head_dim
+    tokens = b * s
+    attn = tokens * (h + 2 * kv + h) * wb
+    if attention == "eager":
+        attn += b * heads * s * s * (wb + 8 if wb < 4 else 8)
+    mlp_width = 2 * f if shape.family == "opt" else 3 * f
+    return Activations(residual=2 * tokens * h * wb, attention=attn, mlp=tokens * mlp_width * wb,
+                       logits=tokens * shape.vocab * wb, loss=tokens * shape.vocab * (wb + _upcast(wb) + 4))
+
+
+def _upcast(wb: int) -> int:
+    """Bytes per element of the loss's fp32 copy of low-precision logits (fp32 logits are used as they are)."""
+    return 4 if wb < 4 else 0
 
 
 def _forward_peak(shape, b, s, wb, attention, notes) -> int:
@@ -412,20 +444,10 @@ def _forward_peak(shape, b, s, wb, attention, notes) -> int:
     layer's attention or MLP working set (layers run one after another and free their temporaries)
     and the logits with the loss's fp32 copies. Checked against traces of the real transformers
     models in tests/test_memtrace.py."""
-    h, f, heads = shape.hidden, shape.ffn, shape.heads
-    kv = (shape.kv_heads or heads) * shape.head_dim
-    tokens = b * s
-    residual = 2 * tokens * h * wb  # hidden states and the residual branch
-    attn = tokens * (h + 2 * kv + h) * wb  # q, k, v, attention output
-    if attention == "eager":
-        # masked scores in the weight dtype, their fp32 upcast and the fp32 softmax (transformers' eager path)
-        attn += b * heads * s * s * (wb + 8 if wb < 4 else 8)
-    mlp_width = 2 * f if shape.family == "opt" else 3 * f  # fc1 out + activation / gate, up, product
-    mlp = tokens * mlp_width * wb
-    logits = tokens * shape.vocab * (wb + 4 + 4)  # logits, one fp32 copy, log-softmax
-    largest = max(("logits + loss", logits), ("attention", attn), ("MLP", mlp), key=lambda part: part[1])
-    notes.append(f"forward peak: {largest[0]} ({largest[1] / GIB:.2f} GiB) + residual stream ({residual / GIB:.2f} GiB)")
-    return residual + largest[1]
+    act = _activations(shape, b, s, wb, attention)
+    largest = max(("logits + loss", act.loss), ("attention", act.attention), ("MLP", act.mlp), key=lambda part: part[1])
+    notes.append(f"forward peak: {largest[0]} ({largest[1] / GIB:.2f} GiB) + residual stream ({act.residual / GIB:.2f} GiB)")
+    return act.residual + largest[1]
 
 
 # ---------------------------------------------------------------------------------- config + CLI
@@ -463,6 +485,7 @@ def read_config(path) -> dict:
             out["batched_probes"] = cfg["optimizer"]["batched_probes"]
     if opt is not None:
         out["optimizer"] = opt
+    out.update(zero3_settings(cfg.get("deepspeed")))
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     if "batch" in cfg or "batch_size" in data:
         out["batch"] = cfg.get("batch", data.get("batch_size"))
@@ -478,6 +501,22 @@ def read_config(path) -> dict:
     return out
 
 
+# the DeepSpeed zero_optimization keys the ZeRO-3 replay reads, and plan()'s names for them
+ZERO3_SETTINGS = {"stage3_prefetch_bucket_size": "prefetch_bucket", "stage3_param_persistence_threshold":
+                  "persistence_threshold", "stage3_max_live_parameters": "max_live_parameters",
+                  "stage3_max_reuse_distance": "reuse_distance"}
+
+
+def zero3_settings(ds_config) -> dict:
+    """plan() keyword arguments from a DeepSpeed config's zero_optimization section (numbers only: "auto"
+    and missing keys keep DeepSpeed's defaults, which are plan()'s)."""
+    zero = ds_config.get("zero_optimization") if isinstance(ds_config, dict) else None
+    if not isinstance(zero, dict):
+        return {}
+    return {ours: int(zero[key]) for key, ours in ZERO3_SETTINGS.items()
+            if isinstance(zero.get(key), (int, float)) and not isinstance(zero.get(key), bool)}
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m zo_scale.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="a zo_scale run config (JSON); explicit flags override it")
@@ -485,7 +524,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus", type=int, help="GPUs sharing the model (default 1)")
     ap.add_argument("--dtype", help="weight dtype: bf16 (default), fp16, fp32")
     ap.add_argument("--optimizer", help="helene (default), hizoo, hizoo-l, mezo, fzoo, zo-muon, helene-muon")
-    ap.add_argument("--rank", type=int, help="zo-muon / helene-muon subspace rank r (default 64)")
+    ap.add_argument("--subspace-rank", type=int, help="zo-muon / helene-muon subspace rank r (default 64)")
     ap.add_argument("--n-directions", type=int, help="zo-muon / helene-muon probes per step N (default 4)")
     ap.add_argument("--batch", type=int, help="micro-batch per GPU (default 16)")
     ap.add_argument("--seq", type=int, help="sequence length (default 256)")

@@ -205,6 +205,14 @@ def has_c_kernel() -> bool:
     return _c_kernel() is not None
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (``zo_scale.dryrun``) has a size and no memory: the C kernel would write through a null
+    pointer, and the dry run wants z's allocation, not its values."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 _REFERENCE = {"normal": normal_range_reference, "rademacher": sign_range_reference}
 
 
@@ -221,7 +229,7 @@ def draw_range(z: ZStream, start: int, n: int, device="cpu", out: torch.Tensor |
         if lib is not None:
             if out is None:
                 out = torch.empty(n, dtype=torch.float32)
-            if n:
+            if n and not _is_fake(out):
                 assert out.dtype == torch.float32 and out.is_contiguous() and out.numel() == n
                 fill = lib.zo_philox_sign if z.kind == "rademacher" else lib.zo_philox_normal
                 fill(start, n, z.k0, z.k1, z.step, z.stream, out.data_ptr(), torch.get_num_threads())

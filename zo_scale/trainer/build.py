@@ -244,31 +244,17 @@ def wrap_fsdp2(model, cfg: RunConfig, info: DistInfo):
     skeletons, see load): the same initial weights as one process loading the model."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard
 
     broadcast, full = dist.get_world_size() > 1, {}
     if broadcast and info.rank == 0:  # the loaded weights, detached: they stay on CPU when fully_shard moves them
         with _each_module_once(model):
             full = model.state_dict()
-    opts = {"reshard_after_forward": cfg.fsdp2.reshard_after_forward if cfg.fsdp2 else True}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
-    # A unit holding a tied parameter (RoBERTa's embeddings share theirs with the LM head) is left to the
-    # root: FSDP2 needs every user of a parameter in one group.
-    tied = _tied_parameters(model)
-    layers = [m for m in model.modules()
-              if type(m).__name__ in layer_classes and not any(id(p) in tied for p in m.parameters())]
-    if not layers:
-        raise ConfigError(f"backend fsdp2: cannot find the decoder layers of {type(base).__name__} (_no_split_modules)")
-    for layer in layers:
-        fully_shard(layer, **opts)
-    # peft's prompt encoder (prefix tuning) runs outside the root's unshard: keep it replicated (it is tiny)
+    reshard = cfg.fsdp2.reshard_after_forward if cfg.fsdp2 else True
     encoders = getattr(model, "prompt_encoder", None)
-    ignored = {p for p in encoders.parameters()} if encoders is not None else None
     on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     if encoders is not None and not on_meta:
         encoders.to(info.device)  # fully_shard moves only what it manages
-    fully_shard(model, ignored_params=ignored, **opts)
+    apply_fully_shard(model, reshard_after_forward=reshard)
     if broadcast:
         if on_meta:  # allocate this rank's shards (and the replicated rest): uninitialised until filled
             model.to_empty(device=info.device)
@@ -284,6 +270,29 @@ def wrap_fsdp2(model, cfg: RunConfig, info: DistInfo):
                 if name in module._non_persistent_buffers_set:
                     dist.broadcast(buffer, src=0)
     return model
+
+
+def apply_fully_shard(model, reshard_after_forward: bool = True) -> None:
+    """The sharding policy of every FSDP2 run (and of ``zo_scale.dryrun``): fully_shard each decoder layer (the
+    classes transformers marks as not to be split), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    opts = {"reshard_after_forward": reshard_after_forward}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    # A unit holding a tied parameter (RoBERTa's embeddings share theirs with the LM head) is left to the
+    # root: FSDP2 needs every user of a parameter in one group.
+    tied = _tied_parameters(model)
+    layers = [m for m in model.modules()
+              if type(m).__name__ in layer_classes and not any(id(p) in tied for p in m.parameters())]
+    if not layers:
+        raise ConfigError(f"backend fsdp2: cannot find the decoder layers of {type(base).__name__} (_no_split_modules)")
+    for layer in layers:
+        fully_shard(layer, **opts)
+    # peft's prompt encoder (prefix tuning) runs outside the root's unshard: keep it replicated (it is tiny)
+    encoders = getattr(model, "prompt_encoder", None)
+    ignored = {p for p in encoders.parameters()} if encoders is not None else None
+    fully_shard(model, ignored_params=ignored, **opts)
 
 
 @contextlib.contextmanager
