@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from zo_scale.plan import ModelShape
+from zo_scale.model_shape import ModelShape
 
 
 @dataclass(frozen=True)
