@@ -92,6 +92,59 @@ def test_tied_weight_is_one_view(arch, tied):
         assert by_module["lm.lm_head.decoder"]["bias"].name == "lm.lm_head.bias"
 
 
+MUON_PARAM_ATOL = 2e-6  # fp32: c_i = (ℓ_i − ℓ₀)/ε turns ~1e-8 relative loss rounding into ~lr·1e-4 of a step
+MUON_FP64_ATOL = 1e-12
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+@pytest.mark.parametrize("name", ["ZOMuon", "HELENEMuon"])
+def test_zo_muon_batched_equals_sequential(name, arch):
+    """ℓ₀ and θ + ε·P·U_i (1-D tensors: θ + ε·z_i) in one forward: the sequential losses and weights.
+    Three steps with resample_every=3 in common.OPT_HPARAMS: the update path and HELENE-Muon's momentum
+    see the batched coefficients."""
+    seq, opt_s = _run(arch, name, False, steps=3)
+    bat, opt_b = _run(arch, name, True, steps=3)
+    _assert_close(seq, bat)
+    assert opt_b.forward_passes == opt_s.forward_passes == 3 * len(opt_b._probe_groups())
+    want = _params(opt_s.backend.module)
+    for n, p in _params(opt_b.backend.module).items():
+        torch.testing.assert_close(p, want[n], rtol=0, atol=MUON_PARAM_ATOL, msg=n)
+
+
+@pytest.mark.parametrize("name", ["ZOMuon", "HELENEMuon"])
+def test_zo_muon_batched_is_one_forward(name):
+    """batched_probes=True is honoured, not ignored: one closure(groups) call for ℓ₀ and the N probes."""
+    model = common.build_model("llama")
+    opt = common.make_optimizer(name, model, batched_probes=True)
+    closure = common.make_closure(model, 0, 1)
+    calls = []
+    opt.step(lambda *groups: calls.append(groups) or closure(*groups))
+    assert calls == [(1 + opt.n_samples,)]
+
+
+@pytest.mark.parametrize("name", ["ZOMuon", "HELENEMuon"])
+def test_zo_muon_batched_is_exact_in_fp64(name):
+    """In fp64 the rounding that separates the two paths vanishes: same losses, same weights."""
+    seq, opt_s = _run("llama", name, False, steps=3, dtype=torch.float64)
+    bat, opt_b = _run("llama", name, True, steps=3, dtype=torch.float64)
+    _assert_close(seq, bat, rtol=1e-13)
+    want = _params(opt_s.backend.module)
+    for n, p in _params(opt_b.backend.module).items():
+        torch.testing.assert_close(p, want[n], rtol=0, atol=MUON_FP64_ATOL, msg=n)
+
+
+@pytest.mark.parametrize("name", ["ZOMuon", "HELENEMuon"])
+def test_zo_muon_bf16_batched_within_rounding(name):
+    seq, _ = _run("opt", name, False, steps=3, dtype=torch.bfloat16)
+    bat, _ = _run("opt", name, True, steps=3, dtype=torch.bfloat16)
+    assert seq[0] == bat[0]
+    _assert_close(seq, bat, rtol=BF16_RTOL)
+
+
 class _Scaled(torch.nn.Module):
     """A container that uses a parameter of its own outside any leaf."""
 
