@@ -4,7 +4,9 @@ Stated tolerance against the sequential probes: fp32 losses agree to 1e-6 relati
 4 steps: the batched path forms W + ε·d in one rounding where the sequential one moves W leg by leg);
 bf16 models agree exactly on the first step and to ~1e-4 relative after a few steps (the batched path
 perturbs the gathered bf16 weights, the sequential one the fp32 master). FZOO's σ is a spread of loss
-differences of order ε, so it is compared in absolute terms.
+differences of order ε, so it is compared in absolute terms. ZO-Muon / HELENE-Muon: the same loss tolerance;
+their fp32 weights within 2e-6 (their step is set by c_i = (ℓ_i − ℓ₀)/ε, which turns the paths' ~1e-8 relative
+loss rounding into ~1e-4 of c_i; measured ≤ 7e-7), in fp64 the same to 1e-12.
 
 In-process tests: every architecture (OPT, Llama, Gemma, RoBERTa; tied embeddings), a container holding
 its own parameter, the closure contract. The sharded ones (FSDP2 / ZeRO-3, 2 and 3 ranks, against the
@@ -31,6 +33,7 @@ from zo_scale import probes  # noqa: E402
 LOSS_RTOL = 1e-6  # fp32, batched vs sequential probes
 SIGMA_ATOL = 1e-6
 BF16_RTOL = 1e-3
+MUON_PARAM_ATOL = 2e-6  # fp32: c_i = (ℓ_i − ℓ₀)/ε turns ~1e-8 relative loss rounding into ~lr·1e-4 of a step
 
 
 def _run(arch, name, batched, steps=2, dtype=torch.float32, **kw):
@@ -92,7 +95,6 @@ def test_tied_weight_is_one_view(arch, tied):
         assert by_module["lm.lm_head.decoder"]["bias"].name == "lm.lm_head.bias"
 
 
-MUON_PARAM_ATOL = 2e-6  # fp32: c_i = (ℓ_i − ℓ₀)/ε turns ~1e-8 relative loss rounding into ~lr·1e-4 of a step
 MUON_FP64_ATOL = 1e-12
 
 
@@ -254,10 +256,13 @@ def test_sharded_batched_matches_sequential_reference(name, arch, backend, world
         assert "zo_scale: HiZOO with batched_probes needs whole parameters" in got["refused"]
         return
     _assert_close(ref[("traj", name, arch, "plain")]["losses"], got["losses"])
-    _assert_close(ref[("probes", name, arch, "plain")]["losses"], got["losses"], rtol=1e-12)
+    # ZO-Muon's update writes a ZeRO-3 partition's cut rows by matrix-vector products, rounded unlike one
+    # process's matmul (its sequential sharded run carries the same ~1e-8 in losses, ~4e-7 in weights)
+    cut_rows = name.endswith("Muon") and backend == "zero3"
+    _assert_close(ref[("probes", name, arch, "plain")]["losses"], got["losses"], rtol=LOSS_RTOL if cut_rows else 1e-12)
     want = ref[("probes", name, arch, "plain")]["params"]
     for n, p in got["params"].items():
-        torch.testing.assert_close(p, want[n], rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(p, want[n], rtol=0, atol=MUON_PARAM_ATOL if cut_rows else 1e-6, msg=n)
 
 
 @pytest.mark.multiproc
