@@ -29,6 +29,7 @@ import common  # noqa: E402
 from dist_scripts import harness  # noqa: E402
 
 from zo_scale import probes  # noqa: E402
+from zo_scale.optim.base import NonFiniteLossError  # noqa: E402
 
 LOSS_RTOL = 1e-6  # fp32, batched vs sequential probes
 SIGMA_ATOL = 1e-6
@@ -126,6 +127,22 @@ def test_zo_muon_batched_is_one_forward(name):
     calls = []
     opt.step(lambda *groups: calls.append(groups) or closure(*groups))
     assert calls == [(1 + opt.n_samples,)]
+
+
+def test_zo_muon_batched_non_finite_probe_leaves_weights():
+    model = common.build_model("llama")
+    opt = common.make_optimizer("ZOMuon", model, batched_probes=True)
+    closure = common.make_closure(model, 0, 1)
+    before = _params(model)
+
+    def nan_probe(groups):
+        sums, weight = closure(groups)
+        return sums.index_fill(0, torch.tensor([2]), float("nan")), weight
+
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 0"):
+        opt.step(nan_probe)
+    for n, p in _params(model).items():
+        assert torch.equal(p, before[n]), n
 
 
 @pytest.mark.parametrize("name", ["ZOMuon", "HELENEMuon"])

@@ -197,8 +197,10 @@ class ZOMuon(ZOOptimizer):
         group = self.param_groups[0]
         n = self.n_samples
         if self.batched_probes:  # ℓ₀ and every θ + ε·P·U_i in one forward; θ is never moved
-            pairs = self._batched_forward(closure)
-            self._gathered_p = None
+            try:
+                pairs = self._batched_forward(closure)
+            finally:
+                self._gathered_p = None  # the transient whole P does not outlive the pass
         else:
             pairs = [self._forward(closure)]  # ℓ₀ at θ
             for i in range(n):
