@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from zo_scale import probes, rng
+from zo_scale import rng
 from zo_scale.optim.base import FULL_PRECISION, NonFiniteLossError, StepStats, ZOOptimizer
 from zo_scale.optim.lowrank import (
     haar_basis,
@@ -58,6 +58,7 @@ from zo_scale.optim.lowrank import (
     subspace_estimate,
 )
 from zo_scale.optim.updates import mezo_update_
+from zo_scale.probes import ProbeGroup, add_direction_
 
 SUBSPACE_STREAM = rng.MASK32  # P's stream index: never a probe index
 
@@ -162,7 +163,7 @@ class ZOMuon(ZOOptimizer):
     # ------------------------------------------------------------------ batched probes
 
     def _probe_groups(self):
-        return [probes.ProbeGroup(0.0)] + [probes.ProbeGroup(+1.0, i) for i in range(self.n_samples)]
+        return [ProbeGroup(0.0)] + [ProbeGroup(+1.0, i) for i in range(self.n_samples)]
 
     def _whole_basis(self, view) -> torch.Tensor:
         """All rows of this epoch's P (work dtype). A shard holding the whole matrix has them cached
@@ -170,7 +171,7 @@ class ZOMuon(ZOOptimizer):
         while its module runs: one matrix's P at a time, never kept between steps."""
         if view.start == 0 and view.end == view.global_numel:
             return self._basis(view)[0]
-        key = (view.name, self.step_count, self._epoch(), self._rank_of(view))
+        key = (view.name, self._epoch(), self._rank_of(view))
         if self._gathered_p is None or self._gathered_p[0] != key:
             self._gathered_p = None  # free the previous matrix's P before drawing this one
             self._gathered_p = (key, self._full_basis(view, self._epoch()).to(self._work_dtype(view)))
@@ -186,7 +187,7 @@ class ZOMuon(ZOOptimizer):
             for lo in range(0, view.global_numel, self.chunk_size)
             for hi in [min(lo + self.chunk_size, view.global_numel)]
         )
-        probes.add_direction_(flat, group.scale * self.param_groups[0]["eps"], chunks)
+        add_direction_(flat, group.scale * self.param_groups[0]["eps"], chunks)
 
     # ------------------------------------------------------------------ the step
 
