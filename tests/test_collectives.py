@@ -18,7 +18,8 @@ makes the next forward gather again what it released):
 
 With ``batched_probes=True`` every probe group runs in one forward (zo_scale.probes): the step gathers
 the model once, whatever the number of probes — measured 1.0x one bare forward's gather bytes for MeZO,
-HELENE and FZOO (N = 3) on FSDP2 and ZeRO-3 (both thresholds), against 2x / 2x / 4x sequentially; HiZOO
+HELENE, FZOO (N = 3) and ZO-Muon / HELENE-Muon (N = 2) on FSDP2 and ZeRO-3 (both thresholds), against
+2x / 2x / 4x / 3x sequentially; HiZOO
 refuses batched probes on shards (its direction needs H over each gathered layer).
 
 Shared launches with test_sharded.py (dist_scripts/harness.py): 2 and 3 ranks, gloo on CPU.
@@ -81,7 +82,7 @@ MAX_BATCHED_GATHER_RATIO = 1.1  # gather bytes of a batched step / one forward's
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3d", "zero3"])
-@pytest.mark.parametrize("name", ["MeZO", "HELENE", "FZOO"])
+@pytest.mark.parametrize("name", ["MeZO", "HELENE", "FZOO", "ZOMuon", "HELENEMuon"])
 def test_batched_probes_gather_the_model_once_per_step(name, backend, world, record_property):
     rec = harness.results(world)[("coll", backend, name)]
     one_forward = _gather_bytes(rec["bare"]) / rec["n_fwd"]

@@ -44,6 +44,18 @@ def test_batched_pays_one_gather_and_builds_every_group():
     assert one_node[1] == pytest.approx(one_node[0], rel=0.1)
 
 
+def test_zo_muon_batched_builds_by_the_torch_path():
+    """ZO-Muon / HELENE-Muon: N = 4 (5 groups, 4 perturbed), allowed on shards, no fused kernel."""
+    for name in ("zo-muon", "helene-muon"):
+        bat = step_time("opt-66b", 16, optimizer=name, batch=1, batched=True)
+        assert bat.forwards == 5
+        assert bat.build_s == pytest.approx(OPT66B.param_count() * 4 * 32 / (H100.hbm * H100.hbm_efficiency))
+        assert bat.total_s < step_time("opt-66b", 16, optimizer=name, batch=1).total_s
+    kw = dict(optimizer="zo-muon", batch=1, seq=256, backend="fsdp2", n_directions=2)
+    seq, bat = plan("opt-13b", 8, **kw), plan("opt-13b", 8, batched_probes=True, **kw)
+    assert bat.parts["batched: activations x2 more"] == 2 * seq.parts["forward peak (activations)"]  # N + 1 groups
+
+
 def test_hizoo_batched_on_shards_is_refused():
     with pytest.raises(PlanError, match="hizoo refuses batched probes on sharded parameters"):
         step_time("opt-13b", 8, optimizer="hizoo", batched=True)

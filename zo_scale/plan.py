@@ -211,16 +211,21 @@ def _positive_int(value, what) -> int:
 
 
 # probe groups of a batched step and how many of them are perturbed, per optimizer (default N)
-GROUPS = {"mezo": (2, 2), "hizoo": (3, 2), "hizoo-l": (3, 2), "helene": (2, 2), "fzoo": (9, 8)}
-# batched probes need the direction over the whole gathered layer: HiZOO's z/√H reads a sharded H
-BATCHED_ON_SHARDS = {"mezo": True, "helene": True, "fzoo": True, "hizoo": False, "hizoo-l": False}
+GROUPS = {"mezo": (2, 2), "hizoo": (3, 2), "hizoo-l": (3, 2), "helene": (2, 2), "fzoo": (9, 8),
+          "zo-muon": (5, 4), "helene-muon": (5, 4)}
+# batched probes need the direction over the whole gathered layer: HiZOO's z/√H reads a sharded H;
+# ZO-Muon's P·U_i needs all of P, which every rank draws anyway
+BATCHED_ON_SHARDS = {"mezo": True, "helene": True, "fzoo": True, "hizoo": False, "hizoo-l": False,
+                     "zo-muon": True, "helene-muon": True}
 
 
-def batched_probe_bytes(shape: ModelShape, optimizer: str, batch: int, seq: int, wb: int, forward_peak: int) -> dict:
+def batched_probe_bytes(shape: ModelShape, optimizer: str, batch: int, seq: int, wb: int, forward_peak: int,
+                        groups: int | None = None) -> dict:
     """What batched probes add to a GPU's plan (``zo_scale.plan``): the forward's activations for every
     group instead of one (the residual stream and each module's output carry G micro-batches), the head's
-    per-group logits joined into one tensor (a second copy for a moment), and one module's perturbed copy."""
-    groups, _ = GROUPS[optimizer]
+    per-group logits joined into one tensor (a second copy for a moment), and one module's perturbed copy.
+    ``groups``: G where the optimizer's N is not its default (ZO-Muon: N + 1)."""
+    groups = GROUPS[optimizer][0] if groups is None else groups
     largest = max(shape.layer_modules() + shape.outer_modules())
     return {
         f"batched: activations x{groups - 1} more": (groups - 1) * forward_peak,
@@ -325,8 +330,9 @@ def plan(
     if batched_probes and optimizer not in GROUPS:
         raise PlanError(f"batched probes are not available for {optimizer} (only {', '.join(GROUPS)})")
     if batched_probes:
-
-        p.parts.update(batched_probe_bytes(shape, optimizer, batch, seq, wb, p.parts["forward peak (activations)"]))
+        groups = n_directions + 1 if optimizer in ("zo-muon", "helene-muon") else None
+        p.parts.update(batched_probe_bytes(shape, optimizer, batch, seq, wb, p.parts["forward peak (activations)"],
+                                           groups))
     if master and dtype == "fp32":
         p.notes.append("a master copy of fp32 weights duplicates them; pass --no-master")
     if not master and dtype != "fp32":

@@ -16,7 +16,9 @@ micro-batch of b × s tokens and a step of G probe groups (forwards), G_d of the
 * batched only: every GPU builds each perturbed group's weights from the gathered ones, over the whole
   model, not its shard: N·G_d·``build_bytes`` of HBM traffic. On CUDA a copy of the gathered module
   and ``kernels.perturb_`` on it (z made in the kernel) move 4·wb per parameter (the default); the
-  chunked torch path, with z in fp32 and the sum through fp32, moves ~32 B (bf16);
+  chunked torch path, with z in fp32 and the sum through fp32, moves ~32 B (bf16), the default of
+  ZO-Muon / HELENE-Muon, which have no fused kernel (their P·U_i products, 2r FLOPs per element on
+  either path, are left out);
 * the shard-local passes: sequential moves (perturb, 2 legs per move where a master is absent) and the
   restore+update, (4 + wb) and (8 + wb) + 2·state bytes per shard parameter, at HBM speed; the scalar
   all-reduce is a few microseconds and left out.
@@ -52,6 +54,8 @@ class Cluster:
 
 
 H100 = Cluster()
+TORCH_BUILD_BYTES = 32  # per parameter and group: the chunked torch path (bf16)
+TORCH_BUILD = ("zo-muon", "helene-muon")  # optimizers whose groups' weights are built by the torch path
 
 
 @dataclass
@@ -103,7 +107,7 @@ def step_time(model, gpus: int, *, optimizer: str = "mezo", batched: bool = Fals
     hbm = cluster.hbm * cluster.hbm_efficiency
     update = shard * ((8 + wb) + 2 * STATE_TENSORS[optimizer] * sb) / hbm
     if batched:
-        per_param = 4 * wb if build_bytes is None else build_bytes
+        per_param = build_bytes if build_bytes is not None else TORCH_BUILD_BYTES if optimizer in TORCH_BUILD else 4 * wb
         build = n * perturbed * per_param / hbm
         moves = 0.0
         total = max(groups * compute + build, gather) + gather / units + update

@@ -31,6 +31,12 @@ losses, redundantly. It writes only its flat range of P·U_i and of P·NS(G), ch
 ZeRO-3 partition's cut rows included (``lowrank.lowrank_range``). The only collective is the
 fp64 all-reduce of the N + 1 losses (16·(N + 1) bytes). P is not saved in checkpoints: a resumed
 run regenerates it from the keys, on any world size and across a resample.
+
+Batched probes (``batched_probes=True``, ``zo_scale.probes``): ℓ₀ and the N probes run in one forward;
+each gathered matrix gets θ + ε·P·U_i over all its rows, each 1-D tensor θ + ε·z_i, and θ itself is
+never moved. A shard holding the whole matrix uses its cached P; a sharded one redraws the whole P
+(one m×r fp64 QR per matrix per step, where the sequential path draws it once per resample) when its
+module first runs in the pass, and holds it only until the next matrix's: one m×r transient at a time.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from zo_scale.optim.lowrank import (
     subspace_estimate,
 )
 from zo_scale.optim.updates import mezo_update_
+from zo_scale.probes import ProbeGroup, add_direction_
 
 SUBSPACE_STREAM = rng.MASK32  # P's stream index: never a probe index
 
@@ -97,6 +104,7 @@ class ZOMuon(ZOOptimizer):
         )
         self._bases: dict[str, tuple[tuple, torch.Tensor, int]] = {}  # name -> (key, rows of P, first row)
         self._factor_cache: dict[tuple, torch.Tensor] = {}  # this view's U_i of this step
+        self._gathered_p: tuple[tuple, torch.Tensor] | None = None  # one sharded matrix's whole P, this step
 
     # ------------------------------------------------------------------ P, U_i and the directions
 
@@ -152,6 +160,35 @@ class ZOMuon(ZOOptimizer):
     def _uses_kernels(self, view) -> bool:
         return False  # torch path only: the rank-r products are matmuls
 
+    # ------------------------------------------------------------------ batched probes
+
+    def _probe_groups(self):
+        return [ProbeGroup(0.0)] + [ProbeGroup(+1.0, i) for i in range(self.n_samples)]
+
+    def _whole_basis(self, view) -> torch.Tensor:
+        """All rows of this epoch's P (work dtype). A shard holding the whole matrix has them cached
+        already; else they are redrawn (an m×r QR) at the matrix's first group of the step and held only
+        while its module runs: one matrix's P at a time, never kept between steps."""
+        if view.start == 0 and view.end == view.global_numel:
+            return self._basis(view)[0]
+        key = (view.name, self._epoch(), self._rank_of(view))
+        if self._gathered_p is None or self._gathered_p[0] != key:
+            self._gathered_p = None  # free the previous matrix's P before drawing this one
+            self._gathered_p = (key, self._full_basis(view, self._epoch()).to(self._work_dtype(view)))
+        return self._gathered_p[1]
+
+    def _add_gathered_direction_(self, view, flat, group):
+        """A matrix's group weights: flat += scale·ε·(P·U_sample) over the whole matrix, chunk by chunk."""
+        if matrix_shape(view.global_shape) is None:
+            return super()._add_gathered_direction_(view, flat, group)  # 1-D: its one-sided z
+        p, u = self._whole_basis(view), self._factor(view, group.sample)
+        chunks = (
+            (lo, hi, lowrank_range(p, u, 0, lo, hi - lo))
+            for lo in range(0, view.global_numel, self.chunk_size)
+            for hi in [min(lo + self.chunk_size, view.global_numel)]
+        )
+        add_direction_(flat, group.scale * self.param_groups[0]["eps"], chunks)
+
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
@@ -160,10 +197,16 @@ class ZOMuon(ZOOptimizer):
             raise ValueError("zo_scale: ZO optimizers need a closure that runs a forward pass and returns the loss")
         group = self.param_groups[0]
         n = self.n_samples
-        pairs = [self._forward(closure)]  # ℓ₀ at θ
-        for i in range(n):
-            self._move_to(+1, i)  # from +εd_{i-1} straight to +εd_i
-            pairs.append(self._forward(closure))
+        if self.batched_probes:  # ℓ₀ and every θ + ε·P·U_i in one forward; θ is never moved
+            try:
+                pairs = self._batched_forward(closure)
+            finally:
+                self._gathered_p = None  # the transient whole P does not outlive the pass
+        else:
+            pairs = [self._forward(closure)]  # ℓ₀ at θ
+            for i in range(n):
+                self._move_to(+1, i)  # from +εd_{i-1} straight to +εd_i
+                pairs.append(self._forward(closure))
         vals = self._reduce(pairs)
         loss_zero, probes = vals[0], vals[1:]
         coefs = probe_coefficients(loss_zero, probes, group["eps"])
@@ -212,7 +255,8 @@ class ZOMuon(ZOOptimizer):
                     theta = master[lo:hi]  # the master never saw the perturbation
                 else:
                     theta = local if local.dtype in FULL_PRECISION else local.float()
-                    theta.add_(self._z(view, lo, hi, last).to(theta.dtype), alpha=restore)
+                    if restore:  # 0 after batched probes: θ was never moved
+                        theta.add_(self._z(view, lo, hi, last).to(theta.dtype), alpha=restore)
                 if is_matrix:
                     mezo_update_(theta, self._lowrank(view, direction, lo, hi).to(theta.dtype),
                                  lr=group["lr"], weight_decay=decay)
