@@ -13,7 +13,8 @@ index always points at a complete data file. After a barrier rank 0 deletes file
 
 ``load_optimizer_state(opt, directory)`` reads every index, checks they describe one complete
 save, opens (``torch.load(mmap=True)``: only the pages it copies are read) just the files whose
-ranges overlap this rank's shard views, and hands them to ``opt.load_flat_state_dict`` which takes
+ranges overlap the state this rank keeps (``opt.checkpoint_ranges()``: its shard views; HiZOO-L with
+batched probes on shards also the whole of its unfactored tensors), and hands them to ``opt.load_flat_state_dict`` which takes
 each local range from the pieces that cover it. A run saved with FSDP2 on 2 ranks resumes with
 ZeRO-3 on 3 ranks, or on one process, and vice versa: the layout is in global coordinates.
 Model weights are not part of this file (save them the way your engine does); with an fp32
@@ -158,7 +159,7 @@ def load_optimizer_state(opt, directory) -> list[str]:
         raise ValueError(
             f"zo_scale: {directory} holds {indices[0]['optimizer']} state, not {type(opt).__name__}"
         )
-    wanted = {v.name: (v.start, v.end) for v in opt.views if v.numel > 0}
+    wanted = opt.checkpoint_ranges()
     chosen = [idx for idx in indices if _overlaps(idx, wanted)] or indices[:1]
     pieces = [torch.load(directory / idx["file"], map_location="cpu", mmap=True, weights_only=True) for idx in chosen]
     backend = opt.backend

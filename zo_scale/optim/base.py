@@ -496,6 +496,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             return torch_state_dict(self)
         return self.flat_state_dict()
 
+    def checkpoint_ranges(self) -> dict[str, tuple[int, int]]:
+        """The global flat range of each parameter whose saved state this rank loads: its shard's
+        (``zo_scale.checkpoint.load_optimizer_state`` opens the files that overlap these)."""
+        return {v.name: (v.start, v.end) for v in self.views if v.numel > 0}
+
     def load_state_dict(self, state_dict) -> None:
         """Load either layout (a list of flat-range pieces too), saved on any world size or backend."""
         if is_torch_layout(state_dict):

@@ -21,6 +21,7 @@ class HiZOO(ZOOptimizer):
 
     state_names = ("hessian",)
     probes_loss_zero = True
+    batched_on_shards = False  # its per-coordinate H is sharded like the weights (HiZOOL: True)
     supports_n_samples = False
 
     def __init__(
@@ -51,11 +52,13 @@ class HiZOO(ZOOptimizer):
             decay_1d=decay_1d,
             **kwargs,
         )
-        if self.batched_probes and self.backend.name != "replicated":  # the same verdict on every rank
+        if self.batched_probes and self.backend.name != "replicated" and not self.batched_on_shards:
+            # the same verdict on every rank; building d on every rank would need an all-gather of H
             raise ValueError(
                 f"zo_scale: {type(self).__name__} with batched_probes needs whole parameters on every rank: its "
                 f"direction z/√H needs H over each gathered layer, and H is sharded here ({self.backend.name}); "
-                "use batched_probes=False or a replicated model"
+                "use HiZOOL (HiZOO's H in factored form, which runs batched on shards), batched_probes=False "
+                "or a replicated model"
             )
 
     def _init_state(self, name, view):

@@ -23,6 +23,20 @@ replicas, FSDP2's unsharded parameters — is counted once: its sums are divided
 degree, measured once at construction). Nothing is gathered. H is rebuilt chunk by chunk from R, C
 (``updates.factored_hessian``), so no full-size H exists, not even per shard.
 
+Batched probes (``batched_probes=True``, ``zo_scale.probes``) on shards too: each gathered layer is
+perturbed along z/√H over its whole flat range, which every rank can form with no collective — from
+the replicated R, C for a factored tensor, and, for an unfactored one, from a whole H that every rank
+then keeps (instead of its shard's range of it). That whole H is updated by every rank from z over the
+whole tensor (counter-based) and the all-reduced scalars: identical on every rank, still no collective.
+Its size: the elements of the unfactored tensors — for a language model its 1-D biases and norm
+weights, a few hidden-size vectors per layer (Llama-2-7B: 0.27 M numbers, 1 MiB in fp32, against 2.6 M
+numbers of R, C; OPT-66B with its biases: 7.7 M, 29 MiB). A tensor is kept whole only if it has no more
+elements than R, C of its shape would (numel ≤ rows + cols: vectors); a matrix left unfactored by a
+large ``factored_min_dim`` is refused. Checkpoints keep the sequential form: each rank saves its range
+of that H (flat-range pieces; torch's layout on FSDP2 holds the whole H as a plain tensor, as for R and
+C, which DCP reshards to and from the sequential DTensor), so a save loads on any world size, backend or
+mode; loading into this mode reads every range of those tensors (``checkpoint_ranges``).
+
 Torch path only: ``_uses_kernels`` is False (the fused Triton kernels read a stored H; on CUDA this
 optimizer runs the chunked torch ops — a few more passes over each chunk than HiZOO's kernel).
 """
@@ -34,9 +48,18 @@ import math
 import torch
 import torch.distributed as dist
 
+from zo_scale import rng
 from zo_scale.optim.base import FULL_PRECISION
 from zo_scale.optim.hizoo import HiZOO
-from zo_scale.optim.updates import factored_ema, factored_hessian, factored_sums_, hizoo_update_
+from zo_scale.optim.updates import (
+    factored_ema,
+    factored_hessian,
+    factored_sums_,
+    hizoo_direction,
+    hizoo_hessian_update_,
+    hizoo_update_,
+)
+from zo_scale.shards import ShardView, fill_from_slices
 
 
 def factored_shape(global_shape, min_dim: int = 2) -> tuple[int, int] | None:
@@ -68,8 +91,11 @@ class HiZOOL(HiZOO):
       state_dtype [fp32]     dtype of the full H of unfactored tensors. R and C are kept in fp64 if
                              state_dtype is fp64, else fp32 (they are m + n numbers; bf16 would only
                              lose their resolution), and their update is computed in fp64.
-    Probes and forwards as HiZOO (3 per step, n_samples = 1).
+    Probes and forwards as HiZOO (3 per step, n_samples = 1). ``batched_probes=True`` works on every
+    backend (see the module docstring: on shards, the H of unfactored tensors is kept whole on every rank).
     """
+
+    batched_on_shards = True  # R, C are whole on every rank; unfactored tensors keep a whole H then
 
     def __init__(self, model, *, factored_min_dim: int = 2, **kwargs):  # kwargs: HiZOO's options
         if isinstance(factored_min_dim, bool) or not isinstance(factored_min_dim, int) or factored_min_dim < 1:
@@ -77,6 +103,8 @@ class HiZOOL(HiZOO):
         self._factored_min_dim = factored_min_dim  # needed by _init_state, called from the base constructor
         # R, C per factored tensor (replicated; updated in place, opt.state shows them), filled below
         self.factors: dict[str, dict[str, torch.Tensor]] = {}
+        # batched probes on shards: each unfactored tensor's whole H (shard_state holds its range of it)
+        self.whole_hessian: dict[str, torch.Tensor] = {}
         super().__init__(model, factored_min_dim=factored_min_dim, **kwargs)
         fdtype = self.state_dtype if self.state_dtype in FULL_PRECISION else torch.float32
         # and the layout of the step's fp64 sum buffer
@@ -110,7 +138,19 @@ class HiZOOL(HiZOO):
     def _init_state(self, name, view):
         if self._is_factored(view):
             return None  # kept as R, C in self.factors
-        return super()._init_state(name, view)
+        if not (self.batched_probes and self.backend.name != "replicated"):
+            return super()._init_state(name, view)
+        rows = view.global_shape[0] if len(view.global_shape) else 1
+        cols = view.global_numel // max(rows, 1)
+        if view.global_numel > rows + cols:  # more than its R, C would be (a matrix); the same verdict on every rank
+            raise ValueError(
+                f"zo_scale: HiZOOL with batched_probes on shards keeps each unfactored tensor's H whole on every "
+                f"rank, and {view.name} {list(view.global_shape)} is not factored (factored_min_dim="
+                f"{self._factored_min_dim}): lower factored_min_dim or use batched_probes=False"
+            )
+        whole = torch.ones(view.global_numel, dtype=self.state_dtype, device=view.local.device)
+        self.whole_hessian[view.name] = whole
+        return whole[view.start : view.end]  # this rank's range: updated with θ, checkpointed as HiZOO's H
 
     @staticmethod
     def _with_inverse(f: dict) -> dict:
@@ -141,21 +181,33 @@ class HiZOOL(HiZOO):
 
     # ------------------------------------------------------------------ H of a chunk
 
-    def _hessian_chunk(self, view, lo: int, hi: int, factors: dict) -> torch.Tensor:
+    def _hessian_chunk(self, view, start: int, length: int, factors: dict) -> torch.Tensor:
+        """H of a factored tensor on its global flat range [start, start + length)."""
         f = factors[view.name]
-        return factored_hessian(f["rows"], f["cols"], f["inv"], view.start + lo, hi - lo,
+        return factored_hessian(f["rows"], f["cols"], f["inv"], start, length,
                                 floor=self.param_groups[0]["hessian_floor"])
 
     def _direction(self, view, lo, hi, z):
         if view.name not in self.factors:
             return super()._direction(view, lo, hi, z)
-        hess = self._hessian_chunk(view, lo, hi, self.factors)
+        hess = self._hessian_chunk(view, view.start + lo, hi - lo, self.factors)
         z = z.to(hess.dtype)
         if self._collecting:  # the +εd pass: this rank's partial row / column sums of H⊙z²
             off, m, n = self._layout[view.name]
             factored_sums_(self._sums[off : off + m], self._sums[off + m : off + m + n], hess * z.square(),
                            view.start + lo)
         return z / hess.sqrt()
+
+    def _gathered_direction(self, view, lo, hi, z):
+        # [lo, hi) is global: R, C and the whole H of unfactored tensors cover every element on every rank
+        if view.name in self.factors:
+            hess = self._hessian_chunk(view, lo, hi - lo, self.factors)
+        elif view.name in self.whole_hessian:
+            hess = self.whole_hessian[view.name][lo:hi]
+            hess = hess if hess.dtype in FULL_PRECISION else hess.float()
+        else:
+            return super()._gathered_direction(view, lo, hi, z)  # replicated: the shard is the whole parameter
+        return hizoo_direction(z.to(hess.dtype), hess)
 
     def _move_to(self, offset: int, sample: int) -> None:
         # the first move of a step (θ → θ + εd) regenerates z once anyway: collect the sums there
@@ -218,7 +270,7 @@ class HiZOOL(HiZOO):
         if view.name not in self.factors:
             return super()._update_chunk(view, lo, hi, theta, zs, pgs, scalars)
         group = self.param_groups[0]
-        hess = self._hessian_chunk(view, lo, hi, self._next)  # the updated H, as HiZOO steps with
+        hess = self._hessian_chunk(view, view.start + lo, hi - lo, self._next)  # the updated H: HiZOO steps with it
         wd = group["weight_decay"] if self._decays(view) else 0.0
         hizoo_update_(theta, zs[0].to(theta.dtype), hess, lr=group["lr"], proj_grad=pgs[0], weight_decay=wd)
 
@@ -230,7 +282,28 @@ class HiZOOL(HiZOO):
             f["cols"].copy_(nxt["cols"])
             f["inv"] = nxt["inv"]
         self._next = None
+        self._update_other_ranges(scalars)
         return out
+
+    def _update_other_ranges(self, scalars) -> None:
+        """Each whole H outside this rank's range, as the ranks that hold those ranges update theirs
+        (the same z, scalars and ops): the whole H stays identical on every rank, with no collective."""
+        group = self.param_groups[0]
+        for view in self.views:
+            whole = self.whole_hessian.get(view.name)
+            if whole is None:
+                continue
+            stream, n = self._stream(view, 0), view.global_numel
+            for a, b in ((0, min(view.start, n)), (min(view.end, n), n)):
+                for lo in range(a, b, self.chunk_size):
+                    seg = whole[lo : min(lo + self.chunk_size, b)]
+                    hess = seg if seg.dtype in FULL_PRECISION else seg.float()
+                    z = rng.draw_range(stream, lo, seg.numel(), device=seg.device)
+                    hizoo_hessian_update_(hess, z.to(hess.dtype), alpha=scalars["alpha"],
+                                          curvature=scalars["curvature"], eps=group["eps"],
+                                          floor=group["hessian_floor"])
+                    if hess is not seg:
+                        seg.copy_(hess)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -241,7 +314,15 @@ class HiZOOL(HiZOO):
         f = self.factors.get(view.name)
         if f is not None:  # whole on every rank, plain tensors in either layout
             st.update(hessian_rows=f["rows"], hessian_cols=f["cols"])
+        whole = self.whole_hessian.get(view.name)
+        if whole is not None:  # whole on every rank too: a plain tensor, which DCP reshards to and from HiZOO's DTensor
+            st["hessian"] = whole.view(view.global_shape)
         return st
+
+    def checkpoint_ranges(self) -> dict[str, tuple[int, int]]:
+        ranges = super().checkpoint_ranges()
+        ranges.update({name: (0, h.numel()) for name, h in self.whole_hessian.items()})
+        return ranges
 
     def _after_state_load(self) -> None:
         super()._after_state_load()
@@ -273,7 +354,21 @@ class HiZOOL(HiZOO):
             if list(saved[name]["shape"]) != [m, n]:
                 raise ValueError(f"zo_scale: {name} is factored as {m}x{n} here, {saved[name]['shape']} in the checkpoint")
         super().load_flat_state_dict(state_dict)
+        for view in self.views:  # a whole H from the ranges every rank saved of it
+            whole = self.whole_hessian.get(view.name)
+            if whole is not None:
+                entries = (sd["shards"].get(view.name) for sd in pieces)
+                slices = [(e["start"], e["global_numel"], e["tensors"]["hessian"])
+                          for e in entries if e and "hessian" in e["tensors"]]
+                fill_from_slices(whole, ShardView(view.name, view.param, whole, 0, view.global_shape), slices,
+                                 f"{view.name}/hessian", hint=_WHOLE_PIECES)
         for name, f in self.factors.items():
             f["rows"].copy_(saved[name]["rows"])
             f["cols"].copy_(saved[name]["cols"])
             self._with_inverse(f)
+
+
+_WHOLE_PIECES = (
+    "HiZOOL with batched_probes on shards keeps the H of unfactored tensors whole: pass the pieces of every rank "
+    "that saved a range of it (zo_scale.checkpoint.load_optimizer_state opens them: opt.checkpoint_ranges())"
+)

@@ -14,8 +14,9 @@ checkpoint code expect from an optimizer.
   them on load to any world size; where the parameter is replicated, a tensor of its shape. Which
   names a parameter has: ``master`` (fp32 copy of low-precision weights), then the optimizer's own
   (HELENE ``momentum``, ``hessian``; HiZOO ``hessian``; HiZOO-L ``hessian_rows``/``hessian_cols``,
-  whole on every rank, for factored tensors; HELENE-Muon ``subspace_momentum``, whole on every rank,
-  for matrices and ``momentum`` for 1-D tensors). MeZO, FZOO and ZO-Muon without a master keep none.
+  whole on every rank, for factored tensors, and ``hessian`` for the others — with batched probes on
+  shards a plain tensor of the parameter's shape, whole on every rank; HELENE-Muon ``subspace_momentum``,
+  whole on every rank, for matrices and ``momentum`` for 1-D tensors). MeZO, FZOO and ZO-Muon without a master keep none.
   State that is not a tensor (HELENE-Muon's ``momentum_epoch``) is an entry of the group: both
   layouts and torch's flattened state dict keep the group's entries.
 * the ``zo_*`` entries are in the live ``opt.param_groups[0]`` too: torch rebuilds a flattened state
@@ -103,13 +104,20 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
         flat = opt.shard_state[view.name]
         for sname, dest in live.items():
             what = f"{view.name}/{sname}"
-            if sname in flat:
+            if sname in flat and not _kept_whole(dest, view):
                 copy_element_state(flat[sname], view, saved[sname], what)
-            else:
+            else:  # kept whole on every rank (HiZOO-L's factors; its batched H of vectors on shards)
                 copy_whole_state(dest, saved[sname], what)
     opt.step_count, opt.forward_passes = step, forward_passes
     opt.param_groups[0].update(group)
     opt._after_state_load()
+
+
+def _kept_whole(dest, view: ShardView) -> bool:
+    """A state tensor every rank keeps whole while the parameter is sharded (HiZOO-L's batched H of vectors)."""
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(dest, DTensor) and dest.numel() == view.global_numel != view.numel
 
 
 def copy_element_state(dest: torch.Tensor, view: ShardView, value: torch.Tensor, what: str) -> None:
@@ -135,7 +143,14 @@ def copy_element_state(dest: torch.Tensor, view: ShardView, value: torch.Tensor,
 
 
 def copy_whole_state(dest: torch.Tensor, value: torch.Tensor, what: str) -> None:
-    """Copy a state kept whole on every rank (HiZOO-L's factors)."""
+    """Copy a state kept whole on every rank (HiZOO-L's factors; its H of vectors with batched probes on shards)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):  # a sharded state (HiZOO-L's H saved sequentially on FSDP2) handed over directly
+        raise ValueError(
+            f"zo_scale: {what} is a DTensor in this state dict and kept whole here: load it through dcp.load into "
+            "get_optimizer_state_dict(model, opt), which reshards, then set_optimizer_state_dict"
+        )
     if tuple(value.shape) != tuple(dest.shape):
         raise ValueError(f"zo_scale: {what} has shape {list(value.shape)} in the checkpoint, {list(dest.shape)} here")
     dest.copy_(value)
