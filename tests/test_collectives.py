@@ -19,8 +19,9 @@ makes the next forward gather again what it released):
 With ``batched_probes=True`` every probe group runs in one forward (zo_scale.probes): the step gathers
 the model once, whatever the number of probes — measured 1.0x one bare forward's gather bytes for MeZO,
 HELENE, FZOO (N = 3) and ZO-Muon / HELENE-Muon (N = 2) on FSDP2 and ZeRO-3 (both thresholds), against
-2x / 2x / 4x / 3x sequentially; HiZOO
-refuses batched probes on shards (its direction needs H over each gathered layer).
+2x / 2x / 4x / 3x sequentially, and for HiZOO-L (its own launches, harness.hizool_results) against 3x, with
+its one all-reduce of losses and factor sums unchanged; HiZOO refuses batched probes on shards (its direction
+needs its sharded H over each gathered layer).
 
 Shared launches with test_sharded.py (dist_scripts/harness.py): 2 and 3 ranks, gloo on CPU.
 """
@@ -34,7 +35,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
+import common  # noqa: E402
+
 from dist_scripts import harness  # noqa: E402
+from zo_scale.optim.hizoo_l import factored_shape  # noqa: E402
 
 EXPECTED_ALLREDUCE = {"MeZO": (1, 32), "HiZOO": (1, 48), "HELENE": (2, 48), "FZOO": (1, 64), "ZOMuon": (1, 48),
                       "HELENEMuon": (1, 48)}  # (calls, bytes) per step
@@ -95,3 +99,22 @@ def test_batched_probes_gather_the_model_once_per_step(name, backend, world, rec
     assert ratio <= MAX_BATCHED_GATHER_RATIO
     # the optimizer's own traffic is unchanged: the same scalar all-reduces
     assert batched["allreduce"] == rec["step"]["allreduce"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3d", "zero3"])
+def test_hizool_batched_probes_gather_the_model_once_per_step(backend, world, record_property):
+    """HiZOO-L batched on shards (refused before): one gather of the model per step instead of three, and
+    still ONE all-reduce of the losses and the factor sums (48 B + 8 B per R, C entry), nothing else."""
+    rec = harness.hizool_results(world)[("coll", backend, "HiZOOL")]
+    batched = rec["batched"]
+    assert batched is not None  # None: refused
+    one_forward = _gather_bytes(rec["bare"]) / rec["n_fwd"]
+    ratio = _gather_bytes(batched) / one_forward
+    record_property("gather_ratio_batched", ratio)
+    assert _gather_bytes(rec["step"]) / one_forward == pytest.approx(3)
+    assert ratio <= MAX_BATCHED_GATHER_RATIO
+    assert batched["allreduce"] == rec["step"]["allreduce"]
+    sums = sum(sum(factored_shape(p.shape)) for p in common.build_model("llama").parameters() if factored_shape(p.shape))
+    bare_ar = rec["bare"].get("allreduce", (0, 0))
+    assert (batched["allreduce"][0] - bare_ar[0], batched["allreduce"][1] - bare_ar[1]) == (1, 48 + 8 * sums)

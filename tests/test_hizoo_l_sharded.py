@@ -1,9 +1,9 @@
 """HiZOO-L on FSDP2 / ZeRO-3 / HSDP / DDP shards at 2 and 3 ranks: same trajectory as one process,
 one all-reduce per step, resume on another world size and backend, bf16 + fp32 master.
 
-Its own three launches of dist_scripts/zo_worker.py with ``--optimizers HiZOOL`` (single process,
-torchrun 2 ranks — which saves the checkpoint —, torchrun 3 ranks — which resumes it), each with
-its own free port and a hard time limit, gloo on CPU; the tiny OPT / Llama models of common.py,
+Its own three launches of dist_scripts/zo_worker.py with ``--optimizers HiZOOL`` (harness.hizool_results:
+torchrun 2 ranks — which saves the checkpoints —, torchrun 3 ranks and a single process — which resume
+them), each with its own free port and a hard time limit, gloo on CPU; the tiny OPT / Llama models of common.py,
 whose shapes give ZeRO-3 partitions that start and end mid-row and empty shards.
 
 Tolerances. The factor sums are the thing sharding could get wrong (mid-row partial sums,
@@ -18,13 +18,10 @@ tensors: their sums are divided by the replication degree and agree exactly.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
@@ -36,44 +33,12 @@ from zo_scale.optim.hizoo_l import factored_shape  # noqa: E402
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 NAME = "HiZOOL"
-LAUNCHES = {1: "ref,batched", 2: "traj,coll,bf16,reload,ckpt_save", 3: "traj,batched,coll,bf16,ckpt_load"}
 BACKENDS = ("fsdp2", "fsdp2k", "fsdp2p", "zero3", "zero3d", "hsdp", "hsdpr", "ddp")
 PARAM_ATOL = 5e-5
 FIRST_FACTOR_RTOL = 1e-6
 FACTOR_RTOL = 2e-3
 LOSS_RTOL = 1e-5
-
-_root: Path | None = None
-_results: dict[int, dict] = {}
-_failed: dict[int, BaseException] = {}
-
-
-def results(world: int) -> dict:
-    if world in _results:
-        return _results[world]
-    if world in _failed:
-        raise _failed[world]
-    try:
-        if world == 3:
-            results(2)  # resumes the 2-rank save
-        _results[world] = _launch(world)
-    except BaseException as e:
-        _failed[world] = e
-        raise
-    return _results[world]
-
-
-def _launch(world: int) -> dict:
-    global _root
-    if _root is None:
-        _root = Path(tempfile.mkdtemp(prefix="zo_hizool_"))
-        import atexit
-
-        atexit.register(shutil.rmtree, _root, True)
-    took = harness.run_worker(world, ["--out", _root / "out", "--ckpt", _root / "ckpt", "--checks", LAUNCHES[world],
-                                      "--optimizers", NAME])
-    print(f"HiZOOL launch w{world}: {took:.0f} s")
-    return torch.load(_root / "out" / f"results_w{world}.pt")
+results = harness.hizool_results  # its three launches, shared with its batched-probes cases (test_probes.py)
 
 
 def _factor_rel(a: dict, b: dict) -> float:

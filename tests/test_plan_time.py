@@ -62,6 +62,15 @@ def test_hizoo_batched_on_shards_is_refused():
     assert step_time("opt-13b", 1, optimizer="hizoo", batched=True).gather_s == 0.0
 
 
+def test_hizool_batched_on_shards_keeps_the_vectors_h_whole():
+    """HiZOO-L runs batched on shards: every rank then keeps the whole H of the 1-D tensors, as one GPU does."""
+    assert step_time("opt-13b", 8, optimizer="hizoo-l", batched=True).gather_s > 0
+    kw = dict(optimizer="hizoo-l", batch=1, seq=256, backend="fsdp2")
+    seq, bat, one = plan("opt-13b", 8, **kw), plan("opt-13b", 8, batched_probes=True, **kw), plan("opt-13b", 1, **kw)
+    state = "optimizer state (fp32)"
+    assert bat.parts[state] == one.parts[state] > seq.parts[state]
+
+
 def test_memory_plan_adds_groups_activations_and_one_module_copy():
     kw = dict(optimizer="fzoo", batch=1, seq=256, backend="zero3")
     seq, bat = plan("opt-66b", 16, **kw), plan("opt-66b", 16, batched_probes=True, **kw)

@@ -10,8 +10,8 @@ loss rounding into ~1e-4 of c_i; measured ≤ 7e-7), in fp64 the same to 1e-12.
 
 In-process tests: every architecture (OPT, Llama, Gemma, RoBERTa; tied embeddings), a container holding
 its own parameter, the closure contract. The sharded ones (FSDP2 / ZeRO-3, 2 and 3 ranks, against the
-single-process sequential reference) read the shared launches of dist_scripts/harness.py; the gather
-count is in test_collectives.py.
+single-process sequential reference) read the shared launches of dist_scripts/harness.py (HiZOO-L: its own,
+harness.hizool_results, shared with test_hizoo_l_sharded.py); the gather count is in test_collectives.py.
 """
 
 from __future__ import annotations
@@ -271,6 +271,7 @@ def test_sharded_batched_matches_sequential_reference(name, arch, backend, world
     got = harness.results(world)[("probes", name, arch, backend)]
     if name == "HiZOO":  # z/√H over a gathered layer needs H of the whole layer: refused on shards
         assert "zo_scale: HiZOO with batched_probes needs whole parameters" in got["refused"]
+        assert "use HiZOOL" in got["refused"]  # the alternative that runs batched on shards
         return
     _assert_close(ref[("traj", name, arch, "plain")]["losses"], got["losses"])
     # ZO-Muon's update writes a ZeRO-3 partition's cut rows by matrix-vector products, rounded unlike one
@@ -305,6 +306,77 @@ def test_plain_batched_matches_sequential(name, arch):
         pytest.skip("Gemma / RoBERTa run MeZO only in the shared launches (every optimizer: in-process tests)")
     ref = harness.reference()
     _assert_close(ref[("traj", name, arch, "plain")]["losses"], ref[("probes", name, arch, "plain")]["losses"])
+
+
+# ------------------------------------------------------------------ HiZOO-L on shards (its own launches)
+# d = z/√H over each gathered matrix from the replicated R, C, and over each vector from the whole H every rank
+# keeps of it. Not bit-exact against the single-process batched run, unlike the other optimizers: the factor
+# sums are all-reduced in another fp64 order, and HiZOO's curvature |ℓ₊+ℓ₋−2ℓ₀|/(2ε²) (×5e5 at ε = 1e-3, with
+# α = 1e-3 here so H moves: the vectors' H by up to 3×) amplifies rounding into H, as between world sizes
+# sequentially (test_hizoo_l_sharded.py). Measured over 4 steps, OPT and Llama, FSDP2 / ZeRO-3 at 2 and 3 ranks:
+# losses ≤ 1.3e-7 relative against the batched and the sequential single-process runs (asserted LOSS_RTOL), weights
+# ≤ 2.3e-6 (asserted 1e-5), the vectors' H ≤ 5e-4 relative (asserted 2e-3); resumed runs likewise (≤ 3.6e-8, 1.6e-6).
+
+HIZOOL_PARAM_ATOL = 1e-5
+HIZOOL_H_RTOL = 2e-3
+
+
+def _hizool_close(ref: dict, got: dict, offset: int = 0) -> None:
+    _assert_close(ref["losses"][offset:], got["losses"])
+    for n, p in got["params"].items():
+        torch.testing.assert_close(p, ref["params"][n], rtol=0, atol=HIZOOL_PARAM_ATOL, msg=n)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("arch", common.ARCHS)
+def test_sharded_batched_hizool(arch, backend, world):
+    """HiZOO-L batched on FSDP2 / ZeRO-3 (uneven shards, partitions cut mid-row; refused before): the single-process
+    batched run and the sequential one; the whole H of vectors the same on every rank and equal to one process's."""
+    ref = harness.hizool_results(1)
+    got = harness.hizool_results(world)[("probes", "HiZOOL", arch, backend)]
+    assert "refused" not in got, got
+    _hizool_close(ref[("probes", "HiZOOL", arch, "plain")], got)
+    _hizool_close(ref[("traj", "HiZOOL", arch, "plain")], got)
+    want = ref[("probes", "HiZOOL", arch, "plain")]["whole_hessian"]
+    assert got["whole_hessian_same"] and set(got["whole_hessian"]) == set(want)
+    moved = max((h - 1).abs().max().item() for h in want.values())
+    assert moved > 1e-3  # the check has teeth: H of the vectors moved away from its start (1)
+    for n, h in got["whole_hessian"].items():
+        torch.testing.assert_close(h, want[n], rtol=HIZOOL_H_RTOL, atol=0, msg=n)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("src, dst, batched, world", [
+    ("fsdp2-probes", "zero3", True, 3), ("zero3-probes", "fsdp2", True, 3),  # batched save, batched on 3 ranks
+    ("fsdp2-probes", "ddp", False, 3), ("fsdp2-probes", "plain", False, 1),  # batched save, sequential resume
+    ("zero3-probes", "plain", True, 1), ("zero3", "fsdp2", True, 3),  # a sequential save into batched mode
+])
+def test_hizool_batched_resume_continues_the_trajectory(src, dst, batched, world):
+    """Saved after RESUME_AT batched steps on 2 ranks (or sequential ones: ``zero3``), resumed on another world
+    size, backend or mode: the last steps of the uninterrupted single-process run of the resumed mode."""
+    ref = harness.hizool_results(1)[("probes" if batched else "traj", "HiZOOL", "llama", "plain")]
+    got = harness.hizool_results(world)[("probes_load", src, dst, batched, "HiZOOL")]
+    assert got["step_count"] == common.K_STEPS
+    _hizool_close(ref, got, offset=common.RESUME_AT)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_batched_refusals_on_shards_say_why(backend):
+    """A factored_min_dim so large that matrices are not factored: their H is not replicated, one line says why;
+    HiZOO's refusal (its sharded H) names the alternative, HiZOOL."""
+    refused = harness.hizool_results(2)
+    msg = refused[("refuse", "hizool_unfactored_matrix", backend)]
+    assert msg is not None and "\n" not in msg
+    assert "keeps each unfactored tensor's H whole on every rank" in msg and "factored_min_dim=1000000000" in msg
+    msg = refused[("refuse", "hizoo_batched", backend)]
+    assert msg is not None and "\n" not in msg
+    assert msg.startswith("zo_scale: HiZOO with batched_probes needs whole parameters") and "use HiZOOL" in msg
 
 
 def _toy_run(name, batched, steps=2):

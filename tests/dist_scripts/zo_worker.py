@@ -24,6 +24,9 @@ Checks
   reload      opt.load_state_dict on a live bf16 model replays the same steps
   ckpt_save   RESUME_AT steps, then save optimizer state + full weights  (run at W=2)
   ckpt_load   load on another world size and backend, finish the K steps (run at W=3)
+  probes_save RESUME_AT steps with batched_probes=True, then save as ckpt_save (run at W=2)
+  probes_load load a batched save into batched runs on other backends and into a sequential replicated
+              one, and a sequential save into a batched run; finish the K steps (W=3; W=1: plain models)
   refuse      ZeRO-3 parameter offload engine and FSDP2 Shard(1) placements are refused
   fsdp1       FSDP1 (use_orig_params=True) trajectory; use_orig_params=False refused
 """
@@ -169,6 +172,14 @@ def _factors(opt):
     return {k: {s: f[s].clone() for s in ("rows", "cols")} for k, f in opt.factors.items()}
 
 
+def _whole_hessians(opt):
+    """HiZOOL's H of unfactored tensors where this rank keeps it whole (batched on shards, or a replicated model)."""
+    if opt.whole_hessian:
+        return {k: h.clone() for k, h in opt.whole_hessian.items()}
+    return {v.name: opt.shard_state[v.name]["hessian"].clone() for v in opt.views
+            if v.name not in opt.factors and v.numel == v.global_numel}
+
+
 class Runner:
     def __init__(self, rank, world, out: Path, ckpt: Path | None, optimizers=common.OPTIMIZERS):
         self.rank, self.world, self.out, self.ckpt = rank, world, out, ckpt
@@ -208,6 +219,14 @@ class Runner:
         rec = {"losses": recs, "params": common.full_params(model), "opened": opened}
         if first is not None:  # HiZOOL: R, C are whole (and identical) on every rank
             rec.update(factors_first=first, factors=_factors(opt))
+            if opt.batched_probes:  # the whole H of unfactored tensors, and whether every rank holds the same
+                rec["whole_hessian"] = _whole_hessians(opt)
+                every = [rec["whole_hessian"]]
+                if self.world > 1:
+                    every = [None] * self.world
+                    dist.all_gather_object(every, rec["whole_hessian"])
+                rec["whole_hessian_same"] = all(set(e) == set(every[0]) and all(torch.equal(e[k], every[0][k]) for k in e)
+                                                for e in every)
         return model, opt, rec
 
     # ---------------------------------------------------------------- checks
@@ -258,6 +277,18 @@ class Runner:
                             raise
                         rec = {"refused": str(e)}
                     self.put(("probes", name, arch, backend), rec)
+            if "HiZOOL" in self.optimizers and backend != "plain":
+                # a matrix left unfactored is not replicated; HiZOO's refusal names HiZOOL
+                for key, name, kw in (("hizool_unfactored_matrix", "HiZOOL", {"factored_min_dim": 10**9}),
+                                      ("hizoo_batched", "HiZOO", {})):
+                    try:
+                        common.make_optimizer(name, build(backend, "llama"), batched_probes=True, **kw)
+                        msg = None
+                    except ValueError as e:
+                        msg = str(e)
+                    self.put(("refuse", key, backend), msg)
+            if self.optimizers != common.OPTIMIZERS:
+                continue
             for arch in common.MORE_ARCHS:  # Gemma, RoBERTa: MeZO, against the sequential run of this world
                 for batched in (False, True):
                     _, _, rec = self.trajectory(backend, arch, "MeZO", n=2, batched_probes=batched)
@@ -427,6 +458,34 @@ class Runner:
                 dist.all_gather_object(opened, rec["opened"])
                 rec["opened"] = opened
                 self.put(("ckpt_load", src, dst, name), rec)
+
+    def check_probes_save(self):
+        from zo_scale.checkpoint import save_optimizer_state
+
+        for backend in ("fsdp2", "zero3"):
+            for name in self.optimizers:
+                d = self.ckpt / f"{name}-{backend}-probes"
+                _, opt, rec = self.trajectory(backend, "llama", name, n=common.RESUME_AT, batched_probes=True)
+                save_optimizer_state(opt, d)
+                if self.rank == 0:
+                    torch.save(rec["params"], d / "model.pt")
+                dist.barrier()
+
+    def check_probes_load(self):
+        """(save, destination backend, batched_probes at the destination) for the last K - RESUME_AT steps."""
+        if self.world == 1:
+            cases = (("fsdp2-probes", "plain", False), ("zero3-probes", "plain", True))
+        else:
+            cases = (("fsdp2-probes", "zero3", True), ("zero3-probes", "fsdp2", True), ("fsdp2-probes", "ddp", False),
+                     ("zero3", "fsdp2", True))
+        for src, dst, batched in cases:
+            for name in self.optimizers:
+                d = self.ckpt / f"{name}-{src}"
+                weights = torch.load(d / "model.pt")
+                _, opt, rec = self.trajectory(dst, "llama", name, n=common.K_STEPS - common.RESUME_AT,
+                                              weights=weights, ckpt_in=d, batched_probes=batched)
+                rec["step_count"] = opt.step_count
+                self.put(("probes_load", src, dst, batched, name), rec)
 
     def check_refuse(self):
         from zo_scale.optim import MeZO
