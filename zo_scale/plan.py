@@ -46,7 +46,7 @@ class PlanError(ValueError):
 
 def factored_state_numbers(shape: ModelShape) -> tuple[int, int, int]:
     """HiZOO-L's state: (Σ(m + n) over matrices — its R, C, replicated on every rank; elements of
-    1-D tensors — a full H, sharded; elements of the matrices)."""
+    1-D tensors — a full H, sharded, or whole on every rank with batched probes; elements of the matrices)."""
     mats, vec = shape.matrices()
     return sum(m + n for m, n in mats), vec, sum(m * n for m, n in mats)
 
@@ -214,8 +214,9 @@ def _positive_int(value, what) -> int:
 GROUPS = {"mezo": (2, 2), "hizoo": (3, 2), "hizoo-l": (3, 2), "helene": (2, 2), "fzoo": (9, 8),
           "zo-muon": (5, 4), "helene-muon": (5, 4)}
 # batched probes need the direction over the whole gathered layer: HiZOO's z/√H reads a sharded H;
+# HiZOO-L's reads its replicated R, C and, for vectors, a whole H every rank then keeps;
 # ZO-Muon's P·U_i needs all of P, which every rank draws anyway
-BATCHED_ON_SHARDS = {"mezo": True, "helene": True, "fzoo": True, "hizoo": False, "hizoo-l": False,
+BATCHED_ON_SHARDS = {"mezo": True, "helene": True, "fzoo": True, "hizoo": False, "hizoo-l": True,
                      "zo-muon": True, "helene-muon": True}
 
 
@@ -314,10 +315,12 @@ def plan(
                        f"+ {replay.peak.activations / GIB:.2f} GiB activations; {replay.gathers} all-gathers "
                        f"({replay.gather_bytes / GIB:.2f} GiB) per forward")
     p.parts[f"optimizer state ({state_dtype})"] = STATE_TENSORS[optimizer] * shard * sb
-    if optimizer == "hizoo-l":  # fp32 R, C replicated; vectors' H sharded; the step's fp64 sums of R, C
+    if optimizer == "hizoo-l":  # fp32 R, C replicated; vectors' H sharded (whole when batched); the step's fp64 sums
         factors, vectors, _ = factored_state_numbers(shape)
         vec_shard = sum(plan_gather.shard_numel(t, backend, gpus, rank)
                         for t in plan_gather.model_params(shape) if len(t.shape) == 1)
+        if batched_probes:  # on shards every rank keeps the vectors' whole H (HiZOOL's whole_hessian)
+            vec_shard = vectors
         matrices = len(shape.matrices()[0])  # each keeps 1/ΣR as a 0-d fp32 tensor too
         p.parts[f"optimizer state ({state_dtype})"] = 4 * factors + sb * vec_shard + 4 * matrices
         p.parts["factor sums (fp64, per step)"] = 8 * factors

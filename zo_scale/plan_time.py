@@ -55,7 +55,7 @@ class Cluster:
 
 H100 = Cluster()
 TORCH_BUILD_BYTES = 32  # per parameter and group: the chunked torch path (bf16)
-TORCH_BUILD = ("zo-muon", "helene-muon")  # optimizers whose groups' weights are built by the torch path
+TORCH_BUILD = ("zo-muon", "helene-muon", "hizoo-l")  # optimizers whose groups' weights are built by the torch path
 
 
 @dataclass
