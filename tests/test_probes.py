@@ -379,6 +379,16 @@ def test_batched_refusals_on_shards_say_why(backend):
     assert msg.startswith("zo_scale: HiZOO with batched_probes needs whole parameters") and "use HiZOOL" in msg
 
 
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_hizool_batched_torch_layout_keeps_the_whole_h():
+    """FSDP2's torch layout (what DCP saves) holds the vectors' whole H as a plain tensor: it loads back whole;
+    a sequential run's sharded DTensor H handed over directly is refused (DCP's load reshards it instead)."""
+    rec = harness.hizool_results(2)[("probes_torch_layout", "HiZOOL")]
+    assert rec["same"]
+    assert rec["from_dtensor"] is not None and "load it through dcp.load" in rec["from_dtensor"]
+
+
 def _toy_run(name, batched, steps=2):
     model = _Scaled()
     kw = {"n_directions": 3} if name == "FZOO" else {}

@@ -470,6 +470,20 @@ class Runner:
                 if self.rank == 0:
                     torch.save(rec["params"], d / "model.pt")
                 dist.barrier()
+                if backend == "fsdp2":  # torch's layout (what DCP saves): the vectors' whole H as a plain tensor
+                    self.put(("probes_torch_layout", name), self._torch_layout_round_trip(name, opt))
+
+    def _torch_layout_round_trip(self, name, opt):
+        fresh = common.make_optimizer(name, build("fsdp2", "llama"), batched_probes=True)
+        fresh.load_state_dict(opt.state_dict())
+        same = all(torch.equal(fresh.whole_hessian[k], h) for k, h in opt.whole_hessian.items())
+        sequential = common.make_optimizer(name, build("fsdp2", "llama"))
+        try:  # a sharded (DTensor) H handed over directly cannot fill a whole one without a gather
+            fresh.load_state_dict(sequential.state_dict())
+            msg = None
+        except ValueError as e:
+            msg = str(e)
+        return {"same": same and bool(opt.whole_hessian), "from_dtensor": msg}
 
     def check_probes_load(self):
         """(save, destination backend, batched_probes at the destination) for the last K - RESUME_AT steps."""
