@@ -60,6 +60,10 @@ def test_hizoo_batched_on_shards_is_refused():
     with pytest.raises(PlanError, match="hizoo refuses batched probes on sharded parameters"):
         step_time("opt-13b", 8, optimizer="hizoo", batched=True)
     assert step_time("opt-13b", 1, optimizer="hizoo", batched=True).gather_s == 0.0
+    # the memory plan says the same, naming the optimizer that does run batched on shards
+    with pytest.raises(PlanError, match="hizoo refuses batched probes .*hizoo-l runs batched on shards"):
+        plan("opt-13b", 8, optimizer="hizoo", backend="fsdp2", batch=1, seq=256, batched_probes=True)
+    assert plan("opt-13b", 8, optimizer="hizoo", backend="replicated", batch=1, seq=256, batched_probes=True)
 
 
 def test_hizool_batched_on_shards_keeps_the_vectors_h_whole():

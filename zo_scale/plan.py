@@ -332,6 +332,9 @@ def plan(
     p.parts["runtime reserve"] = int(reserve_gib * GIB)
     if batched_probes and optimizer not in GROUPS:
         raise PlanError(f"batched probes are not available for {optimizer} (only {', '.join(GROUPS)})")
+    if batched_probes and backend != "replicated" and gpus > 1 and not BATCHED_ON_SHARDS[optimizer]:
+        raise PlanError(f"{optimizer} refuses batched probes on sharded parameters (its direction reads a sharded H; "
+                        "hizoo-l runs batched on shards)")
     if batched_probes:
         groups = n_directions + 1 if optimizer in ("zo-muon", "helene-muon") else None
         p.parts.update(batched_probe_bytes(shape, optimizer, batch, seq, wb, p.parts["forward peak (activations)"],
