@@ -60,6 +60,9 @@ def test_hizoo_batched_on_shards_is_refused():
     with pytest.raises(PlanError, match="hizoo refuses batched probes on sharded parameters"):
         step_time("opt-13b", 8, optimizer="hizoo", batched=True)
     assert step_time("opt-13b", 1, optimizer="hizoo", batched=True).gather_s == 0.0
+    with pytest.raises(PlanError, match="hizoo refuses batched probes on sharded parameters"):  # the memory plan too
+        plan("opt-13b", 8, optimizer="hizoo", batched_probes=True)
+    assert plan("opt-13b", 8, optimizer="hizoo", batched_probes=True, backend="replicated").parts["gathered parameters"] == 0
 
 
 def test_memory_plan_replays_the_groups_activations_and_the_running_module_copy():

@@ -2,6 +2,7 @@
 
     python -m zo_scale.dryrun --config configs/opt66b.json --gpus 64
     python -m zo_scale.dryrun --config configs/opt66b.json --gpus 64 --set backend=fsdp2 --ranks 0,63
+    python -m zo_scale.dryrun --config configs/opt66b.json --gpus 64 --optimizer fzoo --set optimizer.batched_probes=true
 
 For each chosen rank (default: 0 and W-1) the config's model is built on its backend (FSDP2 or ZeRO-3)
 as that rank would hold it, with fake tensors (true sizes, no weights, no z values) and torch's fake
