@@ -178,3 +178,15 @@ def test_opt1_3b_at_16_ranks_agrees_with_the_plan(backend):
     assert out.stdout.count("all-reduce ×2 (48 B)") == 2  # HELENE: the losses and the clip count, nothing else
     peaks = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("step peak")]
     assert len(peaks) == 2 and all(float(p[-3]) > 0.2 for p in peaks)  # GiB traced: gathered weights, not noise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_opt1_3b_batched_fzoo_agrees_with_the_plan(backend):
+    """OPT-1.3B at 16 ranks, FZOO's 9 probe groups in one forward, micro-batch 4: the peak is the groups' loss,
+    summed by the closure after the forward (the plan once put the engine's gathers beside it)."""
+    argv = ["--config", "configs/opt1.3b.json", "--gpus", "16", "--ranks", "0", "--optimizer", "fzoo",
+            "--set", "optimizer.batched_probes=true", "--set", "train.batch_size=64"]
+    out = _run(argv + (["--set", "backend=fsdp2"] if backend == "fsdp2" else []), 900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 forward carrying 9 probe groups" in out.stdout and "the loss, after the forward" in out.stdout

@@ -161,7 +161,9 @@ class Batched:
     (the replays get Activations of groups × the micro-batch); a module that runs holds a perturbed copy
     of its own parameters while its groups run, built from the gathered ones with z drawn ``chunk``
     elements at a time (fp32, and an fp32 view of the copy's chunk when the copy is low precision); the
-    head's per-group logits are joined into one tensor, both alive for a moment."""
+    head's per-group logits are joined into one tensor, both alive for a moment; and the loss is summed
+    per group by the closure after the forward (transformers' own loss is one mean), when the engine has
+    released what it gathered and only the logits and the loss's copies are alive."""
 
     wb: int
     chunk: int
@@ -235,7 +237,10 @@ def fsdp2_forward(shape: ModelShape, world: int, wb: int, act: Activations,
         peak.offer(root + held_flat + unit, act.of("mlp" if act.mlp >= act.attention else "attention"),
                    f"layer {i}'s forward", layer_copy[i])
     peak.offer_head(root + held_flat, act, head, batched is not None)
-    peak.offer(root + held_flat, act.loss + act.residual, "the loss")
+    if batched:  # the closure sums each group's loss after the forward, every unit resharded by then
+        peak.offer(0, act.loss, "the loss, after the forward")
+    else:  # transformers' loss (labels=...) runs inside the root's forward
+        peak.offer(root + held_flat, act.loss + act.residual, "the loss")
     return ForwardReplay(peak, root + sum(layers), 1 + len(layers))
 
 
@@ -335,6 +340,9 @@ def zero3_forward(shape: ModelShape, world: int, wb: int, act: Activations, *, b
         for n in names:
             if n not in keep and status.get(n) == "available":
                 release(n)
-        if m.work == "logits":
+        if m.work == "logits" and not batched:  # transformers' loss (labels=...) runs inside the forward
             peak.offer(state["live"], act.loss + act.residual, "the loss")
+    if batched:  # the closure sums each group's loss after the forward: only persistent parameters stay gathered
+        persistent = sum(b for n, b in storage.items() if numel[n] <= persistence)
+        peak.offer(persistent, act.loss, "the loss, after the forward")
     return ForwardReplay(peak, state["gather_bytes"], state["gathers"])
