@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _result(rank, views, layout, **kw):
-    fields = dict(weight_bytes=0, state_bytes=0, peak_bytes=0, forwards=2, collectives={}, seconds=0.0)
+    fields = dict(weight_bytes=0, state_bytes=0, peak_bytes=0, forwards=2, groups=2, collectives={}, seconds=0.0)
     fields.update(kw)
     return dryrun.RankResult(rank, views, layout, **fields)
 
@@ -61,6 +61,18 @@ def test_compare_names_the_first_disagreement_beyond_tolerance():
     assert "all-reduces 4096 B" in dryrun.compare(spec, _result(3, [], {}, **gathers))[0]
 
 
+def test_batched_probes_must_gather_once_per_step():
+    spec = _tiny_spec("--set", "optimizer.batched_probes=true")
+    p = plan(spec.shape, spec.world, rank=3, **spec.plan_kwargs)
+    planned_peak = dryrun._planned_peak(p)
+    assert p.parts["batched: perturbed module copy"] > 0  # the tiny model's peak: the head beside its copy
+    once = dict(weight_bytes=p.parts["weight shard"], state_bytes=p.state_bytes, peak_bytes=planned_peak, forwards=1,
+                collectives={"all-gather": [3, p.gather_bytes_per_forward], "all-reduce": [1, 48]})
+    assert dryrun.compare(spec, _result(3, [], {}, **once)) == []
+    twice = dict(once, collectives={"all-gather": [6, 2 * p.gather_bytes_per_forward], "all-reduce": [1, 48]})
+    assert "per step traced" in dryrun.compare(spec, _result(3, [], {}, **twice))[0]  # a sequential step's gathers
+
+
 def test_fsdp2_storage_resizes_are_counted():
     from torch.distributed.fsdp._fully_shard import _fsdp_param
 
@@ -89,12 +101,28 @@ def test_z_of_a_fake_tensor_has_its_size_and_no_values():
     (["--config", "configs/opt1.3b.json", "--gpus", "4", "--ranks", "4"], "--ranks must name ranks in [0, 4)"),
     (["--config", "configs/opt1.3b.json", "--gpus", "1"], "--gpus must be at least 2"),
     (["--config", "configs/opt13b-lora.json", "--gpus", "8"], "drop peft"),
+    (["--config", "configs/tiny-fsdp.json", "--gpus", "4", "--optimizer", "hizoo", "--set", "optimizer.batched_probes=true"],
+     "hizoo refuses batched probes on sharded parameters"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert dryrun.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("zo_scale: error:") and message in err[0]
+
+
+def test_an_optimizer_refusing_its_options_exits_2_with_its_line(capsys, monkeypatch):
+    """Where the planner would let a combination through, the optimizer's own refusal at construction is the
+    one line (not a traceback)."""
+    from zo_scale import plan as plan_module
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setitem(plan_module.BATCHED_ON_SHARDS, "hizoo", True)
+    argv = ["--config", "configs/tiny-fsdp.json", "--gpus", "2", "--ranks", "0", "--optimizer", "hizoo",
+            "--set", "optimizer.batched_probes=true"]
+    assert dryrun.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zo_scale: error: HiZOO with batched_probes needs whole parameters")
 
 
 def test_zero3_replay_follows_max_live_and_reuse_distance():
@@ -114,6 +142,18 @@ def _run(argv, timeout):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-W", "ignore", "-m", "zo_scale.dryrun", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("config", ["tiny-fsdp", "tiny-zero3"])
+def test_batched_probes_step_gathers_the_model_once(config):
+    """optimizer.batched_probes: the dry run's closure takes the group count, so MeZO's two probe points
+    run in one forward and the step gathers the model once (sequential: twice, which the check refuses),
+    its peak within 5 % of the plan's batched replay."""
+    out = _run(["--config", f"configs/{config}.json", "--gpus", "4", "--ranks", "3", "--optimizer", "mezo",
+                "--set", "optimizer.batched_probes=true"], 300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "1 forward carrying 2 probe groups" in out.stdout and "AGREE" in out.stdout
+    assert "gathered per step: 1.000x the parameter bytes" in out.stdout
 
 
 @pytest.mark.slow
@@ -138,3 +178,15 @@ def test_opt1_3b_at_16_ranks_agrees_with_the_plan(backend):
     assert out.stdout.count("all-reduce ×2 (48 B)") == 2  # HELENE: the losses and the clip count, nothing else
     peaks = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("step peak")]
     assert len(peaks) == 2 and all(float(p[-3]) > 0.2 for p in peaks)  # GiB traced: gathered weights, not noise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_opt1_3b_batched_fzoo_agrees_with_the_plan(backend):
+    """OPT-1.3B at 16 ranks, FZOO's 9 probe groups in one forward, micro-batch 4: the peak is the groups' loss,
+    summed by the closure after the forward (the plan once put the engine's gathers beside it)."""
+    argv = ["--config", "configs/opt1.3b.json", "--gpus", "16", "--ranks", "0", "--optimizer", "fzoo",
+            "--set", "optimizer.batched_probes=true", "--set", "train.batch_size=64"]
+    out = _run(argv + (["--set", "backend=fsdp2"] if backend == "fsdp2" else []), 900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 forward carrying 9 probe groups" in out.stdout and "the loss, after the forward" in out.stdout

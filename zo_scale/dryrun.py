@@ -2,6 +2,7 @@
 
     python -m zo_scale.dryrun --config configs/opt66b.json --gpus 64
     python -m zo_scale.dryrun --config configs/opt66b.json --gpus 64 --set backend=fsdp2 --ranks 0,63
+    python -m zo_scale.dryrun --config configs/opt66b.json --gpus 64 --optimizer fzoo --set optimizer.batched_probes=true
 
 For each chosen rank (default: 0 and W-1) the config's model is built on its backend (FSDP2 or ZeRO-3)
 as that rank would hold it, with fake tensors (true sizes, no weights, no z values) and torch's fake
@@ -14,13 +15,16 @@ disagreement:
   built, every other rank's from the same layout rule, which must reproduce the built ranks' views;
 * this rank's weight shard, optimizer state and fp32 master against the plan: to the byte;
 * the collectives inside ``opt.step``: only the engine's all-gathers (their bytes per forward within
-  TOLERANCE of the plan's) and all-reduces of at most MAX_SCALAR_BYTES (the optimizer's scalars);
+  TOLERANCE of the plan's; with ``optimizer.batched_probes`` the whole step's: one forward's) and
+  all-reduces of at most MAX_SCALAR_BYTES (the optimizer's scalars);
 * the step's traced peak beyond shards and state, counted as ``zo_scale.memtrace`` counts (live
   storages after each aten op, FSDP2's storage resizes followed) against the plan's gathered
-  parameters + activations: within TOLERANCE.
+  parameters + activations (batched: + the plan's ``batched:`` terms): within TOLERANCE.
 
 Micro-batch: the config's global batch split over W (at least 1), sequence task.max_length, sdpa
-attention (what GPUs run; the plan is told the same). Exit 2: bad input (config, flags).
+attention (what GPUs run; the plan is told the same). With batched probes the closure runs it repeated
+once per probe group (``zo_scale.probes.replicate``) and returns one loss sum per group. Exit 2: bad input
+(config, flags, or an optimizer that refuses them, such as HiZOO with batched probes on shards).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zo_scale.plan import GIB, PlanError, plan, resolve_model, shape_from_hf_config, zero3_settings
+from zo_scale.plan import GIB, PROBE_SETS, PlanError, plan, resolve_model, shape_from_hf_config, zero3_settings
 
 TOLERANCE = 0.05  # plan vs trace, relative, for the step's peak and the gathered bytes
 MAX_SCALAR_BYTES = 1024  # all-reduce bytes per step the optimizer may issue ("a handful of scalars")
@@ -100,7 +104,8 @@ class RankResult:
     weight_bytes: int
     state_bytes: int
     peak_bytes: int
-    forwards: int
+    forwards: int  # closure calls in opt.step
+    groups: int  # probe groups those forwards carried (batched: all of the step's in one forward)
     collectives: dict[str, list[int]]
     seconds: float
     plan: object = None  # this rank's zo_scale.plan, set by compare()
@@ -131,23 +136,43 @@ def run_rank(spec, rank: int) -> RankResult:
             trace = _make_step_trace()
             trace.ignore(_shard_tensors(module))  # the shards exist already: count what the optimizer adds
             with trace, following_fsdp2_resizes(trace):
-                opt = spec.optimizer_cls(model, **spec.optimizer_options)
+                try:
+                    opt = spec.optimizer_cls(model, **spec.optimizer_options)
+                except ValueError as e:  # options the optimizer refuses on this backend: bad input
+                    raise DryRunError(str(e).removeprefix("zo_scale: ")) from None
                 state_bytes = trace.live
                 before = trace.live
                 trace.peak = before  # the step from here: construction's transient copies are not part of it
                 trace.collectives.clear()
-                forwards = []
+                calls = []  # the group count of each closure call
 
-                def closure():
-                    forwards.append(1)
-                    return model(input_ids=ids, labels=ids, use_cache=False).loss
+                def closure(groups=None):
+                    calls.append(groups or 1)
+                    if groups is None:  # sequential: one probe point per forward
+                        return model(input_ids=ids, labels=ids, use_cache=False).loss
+                    return _group_loss_sums(model, ids, groups)
 
                 opt.step(closure)
             views = [(v.name, v.start, v.numel, v.global_numel) for v in opt.views]
             weight_bytes = sum(v.numel * v.local.element_size() for v in opt.views)
             layout = {v.name: _layout_of(v, spec.backend) for v in opt.views}
-    return RankResult(rank, views, layout, weight_bytes, state_bytes, trace.peak - before, len(forwards),
+    return RankResult(rank, views, layout, weight_bytes, state_bytes, trace.peak - before, len(calls), sum(calls),
                       {k: list(v) for k, v in trace.collectives.items()}, time.time() - t0)
+
+
+def _group_loss_sums(model, ids: torch.Tensor, groups: int):
+    """The batched closure's result: the micro-batch ``ids`` repeated once per group in one forward, each
+    group's summed next-token loss (fp32 logits, as the model's own loss) and its token count."""
+    import torch.nn.functional as F
+
+    from zo_scale import probes
+
+    rows = probes.replicate(ids, groups)
+    logits = model(input_ids=rows, use_cache=False).logits
+    # shift the labels, not the logits, as transformers' loss does (no copy of the logits beside its fp32 one)
+    labels = F.pad(rows[:, 1:], (0, 1), value=-100)
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return probes.group_sums(per_token, groups), rows[:, 1:].numel() // groups
 
 
 def _shard_tensors(module) -> list[torch.Tensor]:
@@ -223,6 +248,7 @@ class Spec:
     ds_config: dict | None
     reshard_after_forward: bool
     plan_kwargs: dict
+    batched: bool  # optimizer.batched_probes: every probe group of a step in one forward
 
 
 def _shape_of(cfg):
@@ -290,11 +316,20 @@ def make_spec(args) -> Spec:
         plan_kwargs = zero3_settings(ds_config)
     name = cfg.optimizer["name"].lower()  # any of zo_scale.config.OPTIMIZERS: a new optimizer needs no change here
     state_dtype = options.get("state_dtype", torch.float32)
+    batched = bool(options.get("batched_probes", False))
     plan_kwargs.update(dtype=cfg.model.dtype, optimizer=name, batch=batch, seq=seq, backend=backend,
-                       master=options.get("master_weights"), attention="sdpa", reserve_gib=0.0,
+                       master=options.get("master_weights"), attention="sdpa", reserve_gib=0.0, batched_probes=batched,
                        state_dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[state_dtype])
+    if name in ("zo-muon", "helene-muon") and "rank" in options:  # the planner's name for their r
+        plan_kwargs["subspace_rank"] = options["rank"]
+    if name in PROBE_SETS and "n_directions" in options:
+        plan_kwargs["n_directions"] = options["n_directions"]
+    try:  # what the planner refuses (HiZOO's batched probes on shards) fails here, before minutes of building
+        plan(shape, world, rank=ranks[0], **plan_kwargs)
+    except PlanError as e:
+        raise DryRunError(str(e)) from None
     return Spec(shape, world, ranks, backend, dtype, name, optimizer_class(name), dict(options, seed=cfg.seed),
-                batch, seq, ds_config, cfg.fsdp2.reshard_after_forward if cfg.fsdp2 else True, plan_kwargs)
+                batch, seq, ds_config, cfg.fsdp2.reshard_after_forward if cfg.fsdp2 else True, plan_kwargs, batched)
 
 
 # ---------------------------------------------------------------------------------- checks and report
@@ -316,15 +351,29 @@ def compare(spec: Spec, r: RankResult) -> list[str]:
     allowed = MAX_SCALAR_BYTES + p.parts.get("factor sums (fp64, per step)", 0)  # HiZOO-L also sums its R, C
     if reduce_bytes > allowed:
         out.append(f"rank {r.rank}: the step all-reduces {reduce_bytes} B, more than the {allowed} B planned")
-    gathered = r.collectives.get("all-gather", [0, 0])[1] / max(r.forwards, 1)
+    gathered, per = _gathered(spec, r)
     if not _close(gathered, p.gather_bytes_per_forward):
-        out.append(f"rank {r.rank}: all-gathers {gathered / GIB:.3f} GiB per forward traced, "
+        out.append(f"rank {r.rank}: all-gathers {gathered / GIB:.3f} GiB per {per} traced, "
                    f"{p.gather_bytes_per_forward / GIB:.3f} GiB planned")
-    planned_peak = p.parts["gathered parameters"] + p.parts["forward peak (activations)"]
+    planned_peak = _planned_peak(p)
     if not _close(r.peak_bytes, planned_peak):
         out.append(f"rank {r.rank}: step peak beyond shards and state {r.peak_bytes / GIB:.3f} GiB traced, "
                    f"{planned_peak / GIB:.3f} GiB planned (tolerance {TOLERANCE:.0%})")
     return out
+
+
+def _gathered(spec: Spec, r: RankResult) -> tuple[float, str]:
+    """The traced all-gather bytes to hold against the plan's one forward, and what they are per: with
+    batched probes the whole step's (the step must gather the model once), else each forward's."""
+    step = r.collectives.get("all-gather", [0, 0])[1]
+    return (step, "step") if spec.batched else (step / max(r.forwards, 1), "forward")
+
+
+def _planned_peak(p) -> int:
+    """The plan's transient bytes of a step beyond shards and state: the forward's gathered parameters and
+    activations, and what batched probes add to them."""
+    batched = sum(v for k, v in p.parts.items() if k.startswith("batched:"))
+    return p.parts["gathered parameters"] + p.parts["forward peak (activations)"] + batched
 
 
 def _close(traced: float, planned: float) -> bool:
@@ -333,18 +382,24 @@ def _close(traced: float, planned: float) -> bool:
 
 def report(spec: Spec, r: RankResult) -> str:
     p = r.plan
-    planned_peak = p.parts["gathered parameters"] + p.parts["forward peak (activations)"]
+    gathered, per = _gathered(spec, r)
     rows = [("weight shard", r.weight_bytes, p.parts["weight shard"]),
             ("optimizer state + fp32 master", r.state_bytes, p.state_bytes),
-            ("step peak beyond shards + state", r.peak_bytes, planned_peak),
-            ("all-gathered per forward", r.collectives.get("all-gather", [0, 0])[1] / max(r.forwards, 1),
-             p.gather_bytes_per_forward)]
-    lines = [f"rank {r.rank} of {spec.world}: {r.forwards} forwards, {r.seconds:.0f} s",
+            ("step peak beyond shards + state", r.peak_bytes, _planned_peak(p)),
+            (f"all-gathered per {per}", gathered, p.gather_bytes_per_forward)]
+    forwards = f"{r.forwards} forward{'s' if r.forwards != 1 else ''}"
+    if spec.batched:
+        forwards += f" carrying {r.groups} probe groups"
+    step_gathered = r.collectives.get("all-gather", [0, 0])[1]
+    param_bytes = spec.shape.param_count() * spec.dtype.itemsize
+    lines = [f"rank {r.rank} of {spec.world}: {forwards}, {r.seconds:.0f} s",
              f"  {'GiB':<34}{'traced':>10}{'planned':>10}{'plan/trace':>12}"]
     lines += [f"  {n:<34}{t / GIB:>10.3f}{pl / GIB:>10.3f}{(pl / t if t else 1.0):>12.3f}" for n, t, pl in rows]
     colls = ", ".join(f"{k} ×{c} ({b / GIB:.2f} GiB)" if b >= 1 << 20 else f"{k} ×{c} ({b} B)"
                       for k, (c, b) in sorted(r.collectives.items()))
     lines.append(f"  collectives in opt.step: {colls}")
+    lines.append(f"  gathered per step: {step_gathered / param_bytes:.3f}x the parameter bytes "
+                 f"({param_bytes / GIB:.3f} GiB)")
     lines.append(f"  plan: {p.notes[-1] if p.notes else ''}")
     return "\n".join(lines)
 
@@ -375,12 +430,16 @@ def main(argv=None) -> int:
         print(f"zo_scale: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"zo_scale dry run: {spec.shape.name} ({spec.shape.param_count() / 1e9:.2f} B params), {spec.backend} on "
-          f"{spec.world} ranks, {spec.optimizer_name}, micro-batch {spec.batch} × {spec.seq}, ranks "
+          f"{spec.world} ranks, {spec.optimizer_name}{', batched probes' if spec.batched else ''}, micro-batch {spec.batch} × {spec.seq}, ranks "
           f"{','.join(map(str, spec.ranks))}; tolerance {TOLERANCE:.0%} on peaks and gathers, exact on shards and state",
           flush=True)
     results, failures = [], []
     for rank in spec.ranks:
-        r = run_rank(spec, rank)
+        try:
+            r = run_rank(spec, rank)
+        except DryRunError as e:
+            print(f"zo_scale: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         failures += compare(spec, r)
         results.append(r)
         print(report(spec, r), flush=True)

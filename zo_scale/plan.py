@@ -220,19 +220,16 @@ BATCHED_ON_SHARDS = {"mezo": True, "helene": True, "fzoo": True, "hizoo": False,
                      "zo-muon": True, "helene-muon": True}
 
 
-def batched_probe_bytes(shape: ModelShape, optimizer: str, batch: int, seq: int, wb: int, forward_peak: int,
-                        groups: int | None = None) -> dict:
-    """What batched probes add to a GPU's plan (``zo_scale.plan``): the forward's activations for every
-    group instead of one (the residual stream and each module's output carry G micro-batches), the head's
-    per-group logits joined into one tensor (a second copy for a moment), and one module's perturbed copy.
-    ``groups``: G where the optimizer's N is not its default (ZO-Muon: N + 1)."""
-    groups = GROUPS[optimizer][0] if groups is None else groups
-    largest = max(shape.layer_modules() + shape.outer_modules())
-    return {
-        f"batched: activations x{groups - 1} more": (groups - 1) * forward_peak,
-        "batched: joined logits": groups * batch * seq * shape.vocab * wb,
-        "batched: perturbed module copy": largest * wb,
-    }
+# the optimizers whose probe count is an option (n_directions): a step is ℓ₀ and N one-sided probes
+PROBE_SETS = ("fzoo", "zo-muon", "helene-muon")
+
+
+def probe_groups(optimizer: str, n_directions: int | None) -> int:
+    """G, the probe groups of one batched step (FZOO, ZO-Muon, HELENE-Muon: ℓ₀ and their N directions;
+    ``None``: the optimizer's default N)."""
+    if optimizer in PROBE_SETS and n_directions is not None:
+        return n_directions + 1
+    return GROUPS[optimizer][0]
 
 
 def plan(
@@ -256,7 +253,7 @@ def plan(
     reuse_distance: int = 1_000_000_000,
     rank: int = 0,
     subspace_rank: int = 64,
-    n_directions: int = 4,
+    n_directions: int | None = None,
     batched_probes: bool = False,
 ) -> Plan:
     """Per-GPU bytes of a ZO run. ``batch`` is the micro-batch each GPU runs its forwards on;
@@ -265,8 +262,10 @@ def plan(
     ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack. ``max_live_parameters`` and
     ``reuse_distance`` are ZeRO-3's stage3_max_live_parameters / stage3_max_reuse_distance (elements).
     ``rank``: whose shard to count (rank 0 holds the most on both backends). ``subspace_rank`` and
-    ``n_directions`` are ZO-Muon's / HELENE-Muon's r and N; ``batched_probes``: the forward carries every
-    probe group (``batched_probe_bytes``)."""
+    ``n_directions`` are ZO-Muon's / HELENE-Muon's r and N (N also FZOO's; None: each one's default, 8
+    or 4); ``batched_probes``: one forward carries every
+    probe group (``probe_groups``), its activations G times the micro-batch's, with a perturbed copy of
+    the running module (``plan_gather.Batched``)."""
     shape = resolve_model(model)
     gpus = _positive_int(gpus, "gpus")
     batch, seq = _positive_int(batch, "batch"), _positive_int(seq, "seq")
@@ -296,24 +295,40 @@ def plan(
     p = Plan(shape.name, n, gpus, backend, dtype, optimizer, state_dtype, bool(master), batch, seq,
              int(gpu_mem_gib * GIB))
     p.parts["weight shard"] = shard * wb
+    if batched_probes and optimizer not in GROUPS:
+        raise PlanError(f"batched probes are not available for {optimizer} (only {', '.join(GROUPS)})")
+    if batched_probes and backend != "replicated" and gpus > 1 and not BATCHED_ON_SHARDS[optimizer]:
+        raise PlanError(f"{optimizer} refuses batched probes on sharded parameters (its direction reads a sharded H): "
+                        "set optimizer.batched_probes to false, run it replicated, or use hizoo-l (batched on shards)")
+    # batched probes: one forward carries every group's micro-batch (plan_gather.Batched for the rest)
+    if n_directions is not None:
+        n_directions = _positive_int(n_directions, "n_directions")
+    groups = probe_groups(optimizer, n_directions) if batched_probes else 1
+    batched = plan_gather.Batched(wb, chunk) if batched_probes else None
     if backend == "replicated" or gpus == 1:
         p.parts["gathered parameters"] = 0
-        p.parts["forward peak (activations)"] = _forward_peak(shape, batch, seq, wb, attention, p.notes)
+        p.parts["forward peak (activations)"] = _forward_peak(shape, batch * groups, seq, wb, attention, p.notes)
+        if batched:  # an upper bound: no replay here, so the largest module's copy is added to the forward's peak
+            p.parts["batched: perturbed module copy"] = max(batched.copy(m) for m in plan_gather.forward_modules(shape))
     else:
-        act = _activations(shape, batch, seq, wb, attention)
+        act = _activations(shape, batch * groups, seq, wb, attention)
         if backend == "fsdp2":
-            replay = plan_gather.fsdp2_forward(shape, gpus, wb, act)
+            replay = plan_gather.fsdp2_forward(shape, gpus, wb, act, batched)
         else:
             replay = plan_gather.zero3_forward(shape, gpus, wb, act, bucket=prefetch_bucket,
                                                max_live=max_live_parameters, reuse_distance=reuse_distance,
-                                               persistence=persistence_threshold)
+                                               persistence=persistence_threshold, batched=batched)
         # one moment of the forward: the gathered parameters and buffers alive then, and the activations
         p.parts["gathered parameters"] = replay.peak.gathered
         p.parts["forward peak (activations)"] = replay.peak.activations
+        if batched:
+            p.parts["batched: perturbed module copy"] = replay.peak.perturbed
         p.gather_bytes_per_forward = replay.gather_bytes
+        copy = f" + {replay.peak.perturbed / GIB:.2f} GiB perturbed copy" if batched else ""
         p.notes.append(f"{backend} forward peak at {replay.peak.where}: {replay.peak.gathered / GIB:.2f} GiB gathered "
-                       f"+ {replay.peak.activations / GIB:.2f} GiB activations; {replay.gathers} all-gathers "
-                       f"({replay.gather_bytes / GIB:.2f} GiB) per forward")
+                       f"+ {replay.peak.activations / GIB:.2f} GiB activations{copy}; {replay.gathers} all-gathers "
+                       f"({replay.gather_bytes / GIB:.2f} GiB) per forward"
+                       + (f", once per step ({groups} probe groups in it)" if batched else ""))
     p.parts[f"optimizer state ({state_dtype})"] = STATE_TENSORS[optimizer] * shard * sb
     if optimizer == "hizoo-l":  # fp32 R, C replicated; vectors' H sharded (whole when batched); the step's fp64 sums
         factors, vectors, _ = factored_state_numbers(shape)
@@ -325,20 +340,11 @@ def plan(
         p.parts[f"optimizer state ({state_dtype})"] = 4 * factors + sb * vec_shard + 4 * matrices
         p.parts["factor sums (fp64, per step)"] = 8 * factors
     if optimizer in ("zo-muon", "helene-muon"):
-        _subspace_parts(p, shape, _positive_int(subspace_rank, "subspace_rank"), _positive_int(n_directions, "n_directions"),
+        _subspace_parts(p, shape, _positive_int(subspace_rank, "subspace_rank"), probe_groups(optimizer, n_directions) - 1,
                         sb, gpus if backend != "replicated" else 1)
     p.parts["fp32 master shard"] = 4 * shard if master else 0
     p.parts["z chunk (fp32)"] = 4 * min(chunk, shard)
     p.parts["runtime reserve"] = int(reserve_gib * GIB)
-    if batched_probes and optimizer not in GROUPS:
-        raise PlanError(f"batched probes are not available for {optimizer} (only {', '.join(GROUPS)})")
-    if batched_probes and backend != "replicated" and gpus > 1 and not BATCHED_ON_SHARDS[optimizer]:
-        raise PlanError(f"{optimizer} refuses batched probes on sharded parameters (its direction reads a sharded H; "
-                        "hizoo-l runs batched on shards)")
-    if batched_probes:
-        groups = n_directions + 1 if optimizer in ("zo-muon", "helene-muon") else None
-        p.parts.update(batched_probe_bytes(shape, optimizer, batch, seq, wb, p.parts["forward peak (activations)"],
-                                           groups))
     if master and dtype == "fp32":
         p.notes.append("a master copy of fp32 weights duplicates them; pass --no-master")
     if not master and dtype != "fp32":
@@ -424,6 +430,8 @@ def read_config(path) -> dict:
             out["master"] = cfg["optimizer"]["master_weights"]
         if "batched_probes" in cfg["optimizer"]:
             out["batched_probes"] = cfg["optimizer"]["batched_probes"]
+        if "n_directions" in cfg["optimizer"] and opt in PROBE_SETS:
+            out["n_directions"] = cfg["optimizer"]["n_directions"]
     if opt is not None:
         out["optimizer"] = opt
     out.update(zero3_settings(cfg.get("deepspeed")))

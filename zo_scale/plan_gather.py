@@ -155,6 +155,26 @@ class Activations:
         return self.residual + {"attention": self.attention, "mlp": self.mlp, "logits": self.logits}.get(work, 0)
 
 
+@dataclass(frozen=True)
+class Batched:
+    """Batched probes (``zo_scale.probes``) at each moment of a forward. The activations carry every group
+    (the replays get Activations of groups × the micro-batch); a module that runs holds a perturbed copy
+    of its own parameters while its groups run, built from the gathered ones with z drawn ``chunk``
+    elements at a time (fp32, and an fp32 view of the copy's chunk when the copy is low precision); the
+    head's per-group logits are joined into one tensor, both alive for a moment; and the loss is summed
+    per group by the closure after the forward (transformers' own loss is one mean), when the engine has
+    released what it gathered and only the logits and the loss's copies are alive."""
+
+    wb: int
+    chunk: int
+
+    def copy(self, module: Module) -> int:
+        if not module.params:
+            return 0
+        z = 4 * min(self.chunk, max(p.numel for p in module.params)) * (1 if self.wb == 4 else 2)
+        return sum(p.numel for p in module.params) * self.wb + z
+
+
 # ---------------------------------------------------------------------------------- the replays
 
 
@@ -163,14 +183,22 @@ class Peak:
     gathered: int = 0  # bytes of gathered parameters and gather buffers at the peak
     activations: int = 0
     where: str = ""
+    perturbed: int = 0  # batched probes: the running module's perturbed copy and its z chunk
 
     @property
     def total(self) -> int:
-        return self.gathered + self.activations
+        return self.gathered + self.activations + self.perturbed
 
-    def offer(self, gathered: int, activations: int, where: str) -> None:
-        if gathered + activations > self.total:
-            self.gathered, self.activations, self.where = gathered, activations, where
+    def offer(self, gathered: int, activations: int, where: str, perturbed: int = 0) -> None:
+        if gathered + activations + perturbed > self.total:
+            self.gathered, self.activations, self.where, self.perturbed = gathered, activations, where, perturbed
+
+    def offer_head(self, gathered: int, act: Activations, copy: int, batched: bool, where: str = "the head") -> None:
+        """The head runs (its perturbed copy beside the groups' logits); batched, its groups' logits are
+        then joined (twice the logits for a moment)."""
+        self.offer(gathered, act.logits + act.residual, where, copy)
+        if batched:
+            self.offer(gathered, 2 * act.logits + act.residual, f"{where}'s joined logits")
 
 
 @dataclass
@@ -180,11 +208,17 @@ class ForwardReplay:
     gathers: int  # all-gather calls in one forward
 
 
-def fsdp2_forward(shape: ModelShape, world: int, wb: int, act: Activations) -> ForwardReplay:
+def fsdp2_forward(shape: ModelShape, world: int, wb: int, act: Activations,
+                  batched: Batched | None = None) -> ForwardReplay:
     mods = forward_modules(shape)
     root, layers = 0, [0] * shape.layers
+    copy = batched.copy if batched else (lambda m: 0)
+    first, head = copy(mods[0]), copy(mods[-1])
+    layer_copy = [0] * shape.layers  # the largest perturbed copy a layer's modules make
     seen = set()
     for m in mods:
+        if m.layer >= 0:
+            layer_copy[m.layer] = max(layer_copy[m.layer], copy(m))
         for p in m.params:
             if p.name in seen:
                 continue
@@ -196,20 +230,24 @@ def fsdp2_forward(shape: ModelShape, world: int, wb: int, act: Activations) -> F
                 layers[m.layer] += b
     peak = Peak()
     held_flat = root  # the root's flat buffer, kept until the first layer's copy-out ends
-    peak.offer(root + held_flat, act.residual, "the embeddings")
+    peak.offer(root + held_flat, act.residual, "the embeddings", first)
     for i, unit in enumerate(layers):
         peak.offer(root + held_flat + 2 * unit, act.residual, f"copy-out of layer {i}'s all-gather")
         held_flat = unit  # this layer's flat buffer, kept until the next copy-out
         peak.offer(root + held_flat + unit, act.of("mlp" if act.mlp >= act.attention else "attention"),
-                   f"layer {i}'s forward")
-    peak.offer(root + held_flat, act.logits + act.residual, "the head")
-    peak.offer(root + held_flat, act.loss + act.residual, "the loss")
+                   f"layer {i}'s forward", layer_copy[i])
+    peak.offer_head(root + held_flat, act, head, batched is not None)
+    if batched:  # the closure sums each group's loss after the forward, every unit resharded by then
+        peak.offer(0, act.loss, "the loss, after the forward")
+    else:  # transformers' loss (labels=...) runs inside the root's forward
+        peak.offer(root + held_flat, act.loss + act.residual, "the loss")
     return ForwardReplay(peak, root + sum(layers), 1 + len(layers))
 
 
 def zero3_forward(shape: ModelShape, world: int, wb: int, act: Activations, *, bucket: int, max_live: int,
-                  reuse_distance: int, persistence: int) -> ForwardReplay:
+                  reuse_distance: int, persistence: int, batched: Batched | None = None) -> ForwardReplay:
     mods = forward_modules(shape)
+    copy = batched.copy if batched else (lambda m: 0)
     trace = deque((p, step) for step, m in enumerate(mods) for p in m.params)
     status = {}  # param name -> "inflight" | "available"
     numel = {p.name: p.numel for m in mods for p in m.params}
@@ -286,7 +324,10 @@ def zero3_forward(shape: ModelShape, world: int, wb: int, act: Activations, *, b
                 count += p.numel
         if prefetch:
             gather(prefetch, f"prefetch after {m.name}")
-        peak.offer(state["live"], act.of(m.work), m.name)
+        if m.work == "logits":
+            peak.offer_head(state["live"], act, copy(m), batched is not None, m.name)
+        else:
+            peak.offer(state["live"], act.of(m.work), m.name, copy(m))
         # release after the forward of this module (the coordinator's step id has moved on by one)
         keep = {n for n in names if numel[n] <= persistence or fetched_for.get(n, -1) > step + 1}
         traversed = 0
@@ -299,6 +340,9 @@ def zero3_forward(shape: ModelShape, world: int, wb: int, act: Activations, *, b
         for n in names:
             if n not in keep and status.get(n) == "available":
                 release(n)
-        if m.work == "logits":
+        if m.work == "logits" and not batched:  # transformers' loss (labels=...) runs inside the forward
             peak.offer(state["live"], act.loss + act.residual, "the loss")
+    if batched:  # the closure sums each group's loss after the forward: only persistent parameters stay gathered
+        persistent = sum(b for n, b in storage.items() if numel[n] <= persistence)
+        peak.offer(persistent, act.loss, "the loss, after the forward")
     return ForwardReplay(peak, state["gather_bytes"], state["gathers"])

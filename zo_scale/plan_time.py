@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass
 
 from zo_scale.plan import (
-    BATCHED_ON_SHARDS, DTYPE_ALIASES, DTYPE_BYTES, GROUPS, STATE_TENSORS, ModelShape, PlanError, batched_probe_bytes,
+    BATCHED_ON_SHARDS, DTYPE_ALIASES, DTYPE_BYTES, GROUPS, STATE_TENSORS, ModelShape, PlanError,
     read_config, resolve_model,
 )
 
