@@ -304,7 +304,8 @@ def plan(
     if n_directions is not None:
         n_directions = _positive_int(n_directions, "n_directions")
     groups = probe_groups(optimizer, n_directions) if batched_probes else 1
-    batched = plan_gather.Batched(wb, chunk) if batched_probes else None
+    # HiZOO-L builds each chunk's z/√H from its factors: three fp32 chunks besides z
+    batched = plan_gather.Batched(wb, chunk, 3 if optimizer == "hizoo-l" else 0) if batched_probes else None
     if backend == "replicated" or gpus == 1:
         p.parts["gathered parameters"] = 0
         p.parts["forward peak (activations)"] = _forward_peak(shape, batch * groups, seq, wb, attention, p.notes)

@@ -163,16 +163,19 @@ class Batched:
     elements at a time (fp32, and an fp32 view of the copy's chunk when the copy is low precision); the
     head's per-group logits are joined into one tensor, both alive for a moment; and the loss is summed
     per group by the closure after the forward (transformers' own loss is one mean), when the engine has
-    released what it gathered and only the logits and the loss's copies are alive."""
+    released what it gathered and only the logits and the loss's copies are alive. ``direction_temps``:
+    fp32 chunks besides z alive while a direction is built (HiZOO-L's z/√H: H, √H and the quotient)."""
 
     wb: int
     chunk: int
+    direction_temps: int = 0
 
     def copy(self, module: Module) -> int:
         if not module.params:
             return 0
-        z = 4 * min(self.chunk, max(p.numel for p in module.params)) * (1 if self.wb == 4 else 2)
-        return sum(p.numel for p in module.params) * self.wb + z
+        chunk = 4 * min(self.chunk, max(p.numel for p in module.params))
+        z = chunk * (1 if self.wb == 4 else 2)
+        return sum(p.numel for p in module.params) * self.wb + z + self.direction_temps * chunk
 
 
 # ---------------------------------------------------------------------------------- the replays
