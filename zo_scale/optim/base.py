@@ -33,6 +33,11 @@ FULL_PRECISION = (torch.float32, torch.float64)  # updated in place; anything el
 _MAX_EPS = torch.finfo(torch.float32).max / 16
 
 
+def is_int_at_least(value, minimum: int) -> bool:
+    """Whether an option is an integer >= ``minimum``; a bool is refused (True would pass as 1)."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+
 class NonFiniteLossError(RuntimeError):
     """A ZO forward produced NaN/inf; parameters were restored before raising."""
 

@@ -12,22 +12,20 @@ and writes θ once: the restore of the last probe and all N directions go in one
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable
 
 import torch
 
 from zo_scale import rng
-from zo_scale.optim.base import NonFiniteLossError, StepStats, ZOOptimizer
 from zo_scale.optim.loss_precision import FIX
-from zo_scale.probes import ProbeGroup
+from zo_scale.optim.probe_set import ProbeSetOptimizer
 from zo_scale.optim.updates import combined_direction, fzoo_coefficients, mezo_update_
 
 DIRECTIONS = {"rademacher": "rademacher", "gaussian": "normal"}
 
 
-class FZOO(ZOOptimizer):
+class FZOO(ProbeSetOptimizer):
     """Options: ``n_directions`` N [8] (N + 1 forwards per step), ``direction`` ['rademacher' | 'gaussian'],
     ``weight_decay`` and ``decay_1d`` as in MeZO (decoupled, θ·(1 − lr·wd); FZOO's code has none).
 
@@ -38,7 +36,8 @@ class FZOO(ZOOptimizer):
     mean ℓ_i, ``proj_grad`` = mean (ℓ_i − ℓ₀)/ε, ``extra`` = {sigma}.
     """
 
-    probes_loss_zero = True
+    min_directions = 2
+    min_directions_reason = " (σ of one loss is 0)"
 
     def __init__(
         self,
@@ -53,13 +52,8 @@ class FZOO(ZOOptimizer):
     ):
         if direction not in DIRECTIONS:
             raise ValueError(f"zo_scale: FZOO direction must be one of {tuple(DIRECTIONS)}, got {direction!r}")
-        if not isinstance(n_directions, int) or n_directions < 2:
-            raise ValueError(f"zo_scale: FZOO needs n_directions >= 2 (σ of one loss is 0), got {n_directions!r}")
-        if "n_samples" in kwargs:
-            raise ValueError("zo_scale: FZOO takes n_directions, not n_samples")
         super().__init__(
-            model, lr=lr, eps=eps, n_samples=n_directions, n_directions=n_directions, direction=direction,
-            decay_1d=decay_1d, **kwargs,
+            model, lr=lr, eps=eps, n_directions=n_directions, direction=direction, decay_1d=decay_1d, **kwargs
         )
         self._kind = DIRECTIONS[direction]
         self._warned_flat = False
@@ -70,53 +64,22 @@ class FZOO(ZOOptimizer):
     def _stream(self, view, sample):
         return rng.ZStream.make(self.seed, view.uid, self.step_count, sample, self._kind)
 
-    def _probe_groups(self):
-        return [ProbeGroup(0.0)] + [ProbeGroup(+1.0, i) for i in range(self.n_samples)]
-
     @torch.no_grad()
     def step(self, closure: Callable) -> float:
-        if closure is None:
-            raise ValueError("zo_scale: ZO optimizers need a closure that runs a forward pass and returns the loss")
-        group = self.param_groups[0]
+        losses = self._probe_losses(closure)
         n = self.n_samples
-        if self.batched_probes:
-            pairs = self._batched_forward(closure)
-        else:
-            pairs = [self._forward(closure)]  # ℓ₀ at θ
-            for i in range(n):
-                self._move_to(+1, i)  # from +εu_{i-1} straight to +εu_i
-                pairs.append(self._forward(closure))
-        vals = self._reduce(pairs)
-        loss_zero, probes = vals[0], vals[1:]
-        stats = StepStats(
-            step=self.step_count,
-            loss=loss_zero,
-            loss_plus=sum(probes) / n,
-            loss_minus=float("nan"),  # one-sided: no −ε probe
-            proj_grad=(sum(probes) / n - loss_zero) / group["eps"],
-            lr=group["lr"],
-            forward_passes=self.forward_passes,
-            loss_zero=loss_zero,
-        )
-        finite = all(math.isfinite(x) for x in vals)
-        coefs, sigma = fzoo_coefficients(loss_zero, probes) if finite else ([], 0.0)
-        stats.extra = {"sigma": sigma}
+        coefs, sigma = fzoo_coefficients(losses.zero, losses.probes) if losses.finite else ([], 0.0)
+        proj_grad = (sum(losses.probes) / n - losses.zero) / self.param_groups[0]["eps"]
+        stats = self._step_stats(losses, proj_grad, extra={"sigma": sigma})
         if not coefs:
-            self._move_to(0, n - 1)
-            if not finite:
-                if self.on_nonfinite == "raise":
-                    raise NonFiniteLossError(
-                        f"zo_scale: non-finite loss at step {self.step_count} (l0={loss_zero}, "
-                        f"probes={probes}); parameters restored"
-                    )
-            elif not self._warned_flat:
+            self._skip_update(stats, losses)
+            if losses.finite and not self._warned_flat:  # σ = 0
                 warnings.warn(
                     f"zo_scale: FZOO step {self.step_count} skipped: all {n} probe losses are equal (σ = 0), so "
                     f"the loss does not resolve the probes' change: {FIX}; else eps may be too small",
                     stacklevel=2,
                 )
                 self._warned_flat = True
-            stats.skipped = True
         else:
             self._restore_and_update(coefs, {})  # _fused_update fills in the coefficient tensors
         self.step_count += 1

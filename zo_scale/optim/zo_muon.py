@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from zo_scale import rng
-from zo_scale.optim.base import FULL_PRECISION, NonFiniteLossError, StepStats, ZOOptimizer
+from zo_scale.optim.base import FULL_PRECISION, is_int_at_least
 from zo_scale.optim.lowrank import (
     haar_basis,
     lowrank_range,
@@ -57,13 +57,14 @@ from zo_scale.optim.lowrank import (
     rows_of_range,
     subspace_estimate,
 )
+from zo_scale.optim.probe_set import ProbeSetOptimizer
 from zo_scale.optim.updates import mezo_update_
-from zo_scale.probes import ProbeGroup, add_direction_
+from zo_scale.probes import add_direction_
 
 SUBSPACE_STREAM = rng.MASK32  # P's stream index: never a probe index
 
 
-class ZOMuon(ZOOptimizer):
+class ZOMuon(ProbeSetOptimizer):
     """Options: ``n_directions`` N [4] (N + 1 forwards per step), ``rank`` r [64] (capped at m per
     matrix), ``resample_every`` [100 steps], ``lr_1d`` [1e-7] (fixed rate of 1-D tensors),
     ``weight_decay`` [0] and ``decay_1d`` [False] as in MeZO.
@@ -71,8 +72,6 @@ class ZOMuon(ZOOptimizer):
     ``last_stats``: ``loss`` = ℓ₀, ``loss_plus`` = mean ℓ_i, ``proj_grad`` = mean c_i,
     ``extra`` = {epoch} (the subspace epoch of the step).
     """
-
-    probes_loss_zero = True
 
     def __init__(
         self,
@@ -88,19 +87,15 @@ class ZOMuon(ZOOptimizer):
         **kwargs,
     ):
         name = type(self).__name__
-        if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
-            raise ValueError(f"zo_scale: {name} needs n_directions >= 1, got {n_directions!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if not is_int_at_least(rank, 1):
             raise ValueError(f"zo_scale: {name} rank must be an integer >= 1, got {rank!r}")
-        if isinstance(resample_every, bool) or not isinstance(resample_every, int) or resample_every < 1:
+        if not is_int_at_least(resample_every, 1):
             raise ValueError(f"zo_scale: {name} resample_every must be an integer >= 1, got {resample_every!r}")
         if not (math.isfinite(lr_1d) and lr_1d >= 0):
             raise ValueError(f"zo_scale: {name} lr_1d must be finite and >= 0, got {lr_1d}")
-        if "n_samples" in kwargs:
-            raise ValueError(f"zo_scale: {name} takes n_directions, not n_samples")
         super().__init__(
-            model, lr=lr, eps=eps, n_samples=n_directions, n_directions=n_directions, rank=rank,
-            resample_every=resample_every, lr_1d=lr_1d, decay_1d=decay_1d, **kwargs,
+            model, lr=lr, eps=eps, n_directions=n_directions, rank=rank, resample_every=resample_every,
+            lr_1d=lr_1d, decay_1d=decay_1d, **kwargs,
         )
         self._bases: dict[str, tuple[tuple, torch.Tensor, int]] = {}  # name -> (key, rows of P, first row)
         self._factor_cache: dict[tuple, torch.Tensor] = {}  # this view's U_i of this step
@@ -162,8 +157,12 @@ class ZOMuon(ZOOptimizer):
 
     # ------------------------------------------------------------------ batched probes
 
-    def _probe_groups(self):
-        return [ProbeGroup(0.0)] + [ProbeGroup(+1.0, i) for i in range(self.n_samples)]
+    def _batched_forward(self, closure):
+        """ℓ₀ and every θ + ε·P·U_i in one forward; θ is never moved."""
+        try:
+            return super()._batched_forward(closure)
+        finally:
+            self._gathered_p = None  # the transient whole P does not outlive the pass
 
     def _whole_basis(self, view) -> torch.Tensor:
         """All rows of this epoch's P (work dtype). A shard holding the whole matrix has them cached
@@ -193,44 +192,13 @@ class ZOMuon(ZOOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable) -> float:
-        if closure is None:
-            raise ValueError("zo_scale: ZO optimizers need a closure that runs a forward pass and returns the loss")
-        group = self.param_groups[0]
-        n = self.n_samples
-        if self.batched_probes:  # ℓ₀ and every θ + ε·P·U_i in one forward; θ is never moved
-            try:
-                pairs = self._batched_forward(closure)
-            finally:
-                self._gathered_p = None  # the transient whole P does not outlive the pass
-        else:
-            pairs = [self._forward(closure)]  # ℓ₀ at θ
-            for i in range(n):
-                self._move_to(+1, i)  # from +εd_{i-1} straight to +εd_i
-                pairs.append(self._forward(closure))
-        vals = self._reduce(pairs)
-        loss_zero, probes = vals[0], vals[1:]
-        coefs = probe_coefficients(loss_zero, probes, group["eps"])
-        stats = StepStats(
-            step=self.step_count,
-            loss=loss_zero,
-            loss_plus=sum(probes) / n,
-            loss_minus=float("nan"),  # one-sided: no −ε probe
-            proj_grad=sum(coefs) / n,
-            lr=group["lr"],
-            forward_passes=self.forward_passes,
-            loss_zero=loss_zero,
-            extra={"epoch": self._epoch()},
-        )
-        if not all(math.isfinite(x) for x in vals):
-            self._move_to(0, n - 1)
-            if self.on_nonfinite == "raise":
-                raise NonFiniteLossError(
-                    f"zo_scale: non-finite loss at step {self.step_count} (l0={loss_zero}, probes={probes}); "
-                    "parameters restored"
-                )
-            stats.skipped = True
-        else:
+        losses = self._probe_losses(closure)
+        coefs = probe_coefficients(losses.zero, losses.probes, self.param_groups[0]["eps"])
+        stats = self._step_stats(losses, proj_grad=sum(coefs) / self.n_samples, extra={"epoch": self._epoch()})
+        if losses.finite:
             self._restore_and_step(coefs)
+        else:
+            self._skip_update(stats, losses)
         self._factor_cache.clear()
         self.step_count += 1
         self.last_stats = stats
