@@ -117,3 +117,11 @@ def test_fzoo_batched_groups_follow_its_n_directions():
     default, three = plan("opt-13b", 8, **kw), plan("opt-13b", 8, n_directions=3, **kw)
     assert "(9 probe groups in it)" in default.notes[0] and "(4 probe groups in it)" in three.notes[0]
     assert 4 * default.parts["forward peak (activations)"] == 9 * three.parts["forward peak (activations)"]
+
+
+def test_step_time_follows_fzoo_n_directions():
+    """FZOO with N = 3 runs 4 forwards a step (sequential: 4 gathers), not its default 9."""
+    default = step_time("opt-13b", 16, optimizer="fzoo")
+    three = step_time("opt-13b", 16, optimizer="fzoo", n_directions=3)
+    assert (default.forwards, three.forwards) == (9, 4) and three.total_s < default.total_s / 2
+    assert step_time("opt-13b", 16, optimizer="mezo", n_directions=3).forwards == 2  # not a probe-set optimizer

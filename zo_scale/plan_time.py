@@ -36,8 +36,8 @@ import sys
 from dataclasses import dataclass
 
 from zo_scale.plan import (
-    BATCHED_ON_SHARDS, DTYPE_ALIASES, DTYPE_BYTES, GROUPS, STATE_TENSORS, ModelShape, PlanError,
-    read_config, resolve_model,
+    BATCHED_ON_SHARDS, DTYPE_ALIASES, DTYPE_BYTES, GROUPS, PROBE_SETS, STATE_TENSORS, ModelShape, PlanError,
+    probe_groups, read_config, resolve_model,
 )
 
 
@@ -87,8 +87,9 @@ def forward_seconds(shape: ModelShape, wb: int, tokens: int, seq: int, c: Cluste
 
 def step_time(model, gpus: int, *, optimizer: str = "mezo", batched: bool = False, dtype: str = "bf16",
               batch: int = 1, seq: int = 256, master: bool | None = None, state_dtype: str = "fp32",
-              build_bytes: float | None = None, cluster: Cluster = H100) -> StepTime:
-    """Seconds per step on ``gpus`` GPUs sharing the model (ZeRO-3 or FSDP2), ``batch`` × ``seq`` per GPU."""
+              build_bytes: float | None = None, n_directions: int | None = None, cluster: Cluster = H100) -> StepTime:
+    """Seconds per step on ``gpus`` GPUs sharing the model (ZeRO-3 or FSDP2), ``batch`` × ``seq`` per GPU.
+    ``n_directions``: N of FZOO, ZO-Muon, HELENE-Muon (None: their default, 8 or 4)."""
     shape = resolve_model(model)
     dtype = DTYPE_ALIASES.get(dtype, dtype)
     state_dtype = DTYPE_ALIASES.get(state_dtype, state_dtype)
@@ -100,7 +101,8 @@ def step_time(model, gpus: int, *, optimizer: str = "mezo", batched: bool = Fals
     master = dtype != "fp32" if master is None else master
     n = shape.param_count()
     shard = -(-n // gpus)
-    groups, perturbed = GROUPS[optimizer]
+    groups = probe_groups(optimizer, n_directions)
+    perturbed = groups - 1 if optimizer in PROBE_SETS else GROUPS[optimizer][1]
     units = shape.layers + 1
     gather = gather_seconds(n, wb, gpus, cluster)
     compute = forward_seconds(shape, wb, batch * seq, seq, cluster)
