@@ -232,6 +232,13 @@ def probe_groups(optimizer: str, n_directions: int | None) -> int:
     return GROUPS[optimizer][0]
 
 
+def check_batched_on_shards(optimizer: str, sharded: bool) -> None:
+    """The optimizer's own refusal, for the planners: batched probes on shards need the direction over whole layers."""
+    if sharded and not BATCHED_ON_SHARDS[optimizer]:
+        raise PlanError(f"{optimizer} refuses batched probes on sharded parameters (its direction reads a sharded H): "
+                        "set optimizer.batched_probes to false, run it replicated, or use hizoo-l (batched on shards)")
+
+
 def plan(
     model,
     gpus: int,
@@ -297,9 +304,8 @@ def plan(
     p.parts["weight shard"] = shard * wb
     if batched_probes and optimizer not in GROUPS:
         raise PlanError(f"batched probes are not available for {optimizer} (only {', '.join(GROUPS)})")
-    if batched_probes and backend != "replicated" and gpus > 1 and not BATCHED_ON_SHARDS[optimizer]:
-        raise PlanError(f"{optimizer} refuses batched probes on sharded parameters (its direction reads a sharded H): "
-                        "set optimizer.batched_probes to false, run it replicated, or use hizoo-l (batched on shards)")
+    if batched_probes:
+        check_batched_on_shards(optimizer, sharded=backend != "replicated" and gpus > 1)
     # batched probes: one forward carries every group's micro-batch (plan_gather.Batched for the rest)
     if n_directions is not None:
         n_directions = _positive_int(n_directions, "n_directions")

@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass
 
 from zo_scale.plan import (
-    BATCHED_ON_SHARDS, DTYPE_ALIASES, DTYPE_BYTES, GROUPS, PROBE_SETS, STATE_TENSORS, ModelShape, PlanError,
+    DTYPE_ALIASES, DTYPE_BYTES, GROUPS, PROBE_SETS, STATE_TENSORS, ModelShape, PlanError, check_batched_on_shards,
     probe_groups, read_config, resolve_model,
 )
 
@@ -95,8 +95,8 @@ def step_time(model, gpus: int, *, optimizer: str = "mezo", batched: bool = Fals
     state_dtype = DTYPE_ALIASES.get(state_dtype, state_dtype)
     if optimizer not in GROUPS:
         raise PlanError(f"unknown optimizer {optimizer!r}: expected one of {', '.join(GROUPS)}")
-    if batched and gpus > 1 and not BATCHED_ON_SHARDS[optimizer]:
-        raise PlanError(f"{optimizer} refuses batched probes on sharded parameters (its direction reads a sharded H)")
+    if batched:
+        check_batched_on_shards(optimizer, sharded=gpus > 1)
     wb, sb = DTYPE_BYTES[dtype], DTYPE_BYTES[state_dtype]
     master = dtype != "fp32" if master is None else master
     n = shape.param_count()
