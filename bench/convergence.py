@@ -117,6 +117,11 @@ for _mode, _lrs, _helene_lrs in (("lora", [5e-2, 1e-1], [2e-2, 5e-2]), ("full", 
     LONG_GRIDS[_mode]["zo-muon"] = {"lr": _lrs, "eps": [1e-3], "lr_schedule": ["cosine"]}
     LONG_GRIDS[_mode]["helene-muon"] = {"lr": _helene_lrs, "eps": [1e-3], "lr_schedule": ["cosine"],
                                         "resample_momentum": ["project", "reset"]}
+# HELENE-FZOO (issue #24's fallback variant): FZOO's estimate, eps and N with HELENE's momentum. With anneal 'exp' m
+# settles near 9x the mean estimate, so lr 2e-3 / 4e-3 start its step at ~2e-2 / ~4e-2 of FZOO's scale, around
+# FZOO's grid (1e-2 selected over 3e-2 at a constant lr); the cosine lets it start that high.
+LONG_GRIDS["lora"]["helene-fzoo"] = {"lr": [2e-3, 4e-3], "eps": [1e-4], "lr_schedule": ["cosine"]}
+LONG_GRIDS["full"]["helene-fzoo"] = {"lr": [5e-6, 1e-5], "eps": [1e-4], "lr_schedule": ["cosine"]}
 
 PRESETS = {
     # CI: random-init tiny Llama and the offline tokenizer, a few steps of everything.
@@ -176,10 +181,11 @@ PRESETS = {
     ),
 }
 
-# HiZOO-L, ZO-Muon and HELENE-Muon run on request (--optimizers ...,zo-muon [--grid zo-muon:lr=...:eps=...]);
-# only cpu-long has grids for the last two (study 8)
+# HiZOO-L, ZO-Muon, HELENE-Muon and HELENE-FZOO run on request (--optimizers ...,zo-muon [--grid zo-muon:lr=...:eps=...]);
+# only cpu-long has grids for the last three (study 8)
 for _preset in PRESETS.values():
-    _preset["optimizers"] = [o for o in _preset["optimizers"] if o not in ("hizoo-l", "zo-muon", "helene-muon")]
+    _preset["optimizers"] = [o for o in _preset["optimizers"]
+                             if o not in ("hizoo-l", "zo-muon", "helene-muon", "helene-fzoo")]
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -227,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_csv, help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--k", type=lambda s: [int(x) for x in _csv(s)], help="examples per class, e.g. 16,512")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], help="data/LoRA/z seeds, e.g. 13,21,42")
-    p.add_argument("--optimizers", type=_csv, help="mezo,hizoo,helene,fzoo,hizoo-l,zo-muon,helene-muon")
+    p.add_argument("--optimizers", type=_csv, help="mezo,hizoo,helene,fzoo,hizoo-l,zo-muon,helene-muon,helene-fzoo")
     p.add_argument("--modes", type=_csv, help="full,lora,norm (norm: only the final norm's weights)")
     p.add_argument("--objective", choices=["answer", "candidates"],
                    help="answer: cross-entropy of the answer tokens (MeZO); candidates: among the candidates")

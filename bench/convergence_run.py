@@ -207,7 +207,7 @@ class RunConfig:
 
 
 OPTIMIZERS = {"mezo": "MeZO", "hizoo": "HiZOO", "helene": "HELENE", "fzoo": "FZOO", "hizoo-l": "HiZOOL",
-              "zo-muon": "ZOMuon", "helene-muon": "HELENEMuon"}
+              "zo-muon": "ZOMuon", "helene-muon": "HELENEMuon", "helene-fzoo": "HELENEFZOO"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -232,7 +232,7 @@ def lr_at(hp: dict, step: int, total_steps: int) -> float:
 
 
 def forwards_per_step(opt) -> int:
-    """HiZOO and HiZOO-L: ℓ₀, ℓ₊, ℓ₋; FZOO, ZO-Muon, HELENE-Muon: ℓ₀ and N one-sided probes; MeZO/HELENE:
+    """HiZOO and HiZOO-L: ℓ₀, ℓ₊, ℓ₋; FZOO, HELENE-FZOO, ZO-Muon, HELENE-Muon: ℓ₀ and N one-sided probes; MeZO/HELENE:
     ℓ₊, ℓ₋ per sample."""
     from zo_scale import FZOO, ZOMuon
 

@@ -256,6 +256,7 @@ def test_run_ids_are_stable_and_a_task_revision_retires_old_runs(monkeypatch):
     ("fzoo", {}), ("fzoo", {"lr_schedule": "cosine"}),
     # P resampled every 2 steps: the stop (after step 4) falls at a resample, so the resumed run projects M
     ("helene-muon", {"lr_schedule": "cosine", "rank": 4, "resample_every": 2}),
+    ("helene-fzoo", {"lr_schedule": "cosine"}),  # its momentum must come back with the checkpoint
 ])
 def test_interrupted_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_path, monkeypatch, optimizer,
                                                                             schedule):

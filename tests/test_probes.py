@@ -68,7 +68,7 @@ def test_batched_equals_sequential_every_architecture(arch, name):
     assert opt.forward_passes == 2 * len(opt._probe_groups())  # forwards still count probe evaluations
 
 
-@pytest.mark.parametrize("name", ["HiZOOL", "HELENE", "HiZOO"])
+@pytest.mark.parametrize("name", ["HiZOOL", "HELENE", "HiZOO", "HELENEFZOO"])
 def test_batched_equals_sequential_other_optimizers(name):
     _assert_close(_run("llama", name, False)[0], _run("llama", name, True)[0])
 
@@ -420,7 +420,7 @@ def test_fused_kernel_builds_the_same_group_weights(name, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["HELENE", "FZOO"])
+@pytest.mark.parametrize("name", ["HELENE", "FZOO", "HELENEFZOO"])
 def test_batched_resume_replays_the_same_steps(name):
     """The state and the step path are the sequential ones: saving after 2 batched steps and loading into a
     fresh optimizer on the saved weights continues exactly as the uninterrupted run."""

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = {"helene": "HELENE", "mezo": "MeZO", "hizoo": "HiZOO", "fzoo": "FZOO", "hizoo-l": "HiZOOL",
-              "zo-muon": "ZOMuon", "helene-muon": "HELENEMuon"}
+              "zo-muon": "ZOMuon", "helene-muon": "HELENEMuon",
+              "helene-fzoo": "HELENEFZOO"}
 BACKENDS = ("none", "fsdp2", "deepspeed")
 PEFT_METHODS = ("lora", "prefix")
 # Optimizer arguments the trainer sets itself.

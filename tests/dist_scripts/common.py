@@ -19,7 +19,7 @@ FUSED_STEPS = 2  # steps through the Triton interpreter (slow on CPU)
 GLOBAL_BATCH = 6  # sequences; split evenly over 1, 2 or 3 ranks
 SEQ = 12
 LENGTHS = [12, 5, 9, 3, 11, 7]  # unequal token counts per rank: the weighted mean matters
-OPTIMIZERS = ("MeZO", "HiZOO", "HELENE", "FZOO", "ZOMuon", "HELENEMuon")
+OPTIMIZERS = ("MeZO", "HiZOO", "HELENE", "FZOO", "ZOMuon", "HELENEMuon", "HELENEFZOO")
 ARCHS = ("opt", "llama")
 MORE_ARCHS = ("gemma", "roberta")  # batched probes only (check_probes)
 
@@ -32,6 +32,7 @@ OPT_HPARAMS = {
     # RESUME_AT = 2, so the resumed runs cross a resample; N = 2 (3 forwards a step) keeps CI short
     "ZOMuon": dict(lr=2e-3, eps=1e-3, n_directions=2, rank=8, resample_every=3, lr_1d=2e-3, weight_decay=0.01),
     "HELENEMuon": dict(lr=2e-3, eps=1e-3, n_directions=2, rank=8, resample_every=3, lr_1d=2e-3, anneal_horizon=4.0),
+    "HELENEFZOO": dict(lr=2e-3, eps=1e-3, n_directions=2, anneal_horizon=4.0, weight_decay=0.01),
     # not in OPTIMIZERS (its own launches: test_hizoo_l_sharded.py); α large so the factors move
     "HiZOOL": dict(lr=2e-3, eps=1e-3, hessian_smooth=1e-3),
 }
@@ -162,10 +163,10 @@ def make_closure(model, rank: int, world: int, per_sequence: bool = True):
 
 
 def make_optimizer(name: str, model, **overrides):
-    from zo_scale.optim import FZOO, HELENE, HELENEMuon, HiZOO, HiZOOL, MeZO, ZOMuon
+    from zo_scale.optim import FZOO, HELENE, HELENEFZOO, HELENEMuon, HiZOO, HiZOOL, MeZO, ZOMuon
 
     cls = {"MeZO": MeZO, "HiZOO": HiZOO, "HELENE": HELENE, "FZOO": FZOO, "HiZOOL": HiZOOL, "ZOMuon": ZOMuon,
-           "HELENEMuon": HELENEMuon}[name]
+           "HELENEMuon": HELENEMuon, "HELENEFZOO": HELENEFZOO}[name]
     kw = dict(OPT_HPARAMS[name], seed=7)
     kw.update(overrides)
     return cls(model, **kw)
