@@ -49,6 +49,35 @@ def test_state_by_optimizer_and_master_default():
     assert not fp32.master and fp32.parts["fp32 master shard"] == 0
 
 
+@pytest.mark.parametrize("backend, gpus", [("replicated", 1), ("fsdp2", 4), ("zero3", 4)])
+def test_helene_fzoo_keeps_one_momentum_sharded_like_the_weights(backend, gpus):
+    """HELENE-FZOO: FZOO's probes (N + 1 = 9 groups, N an option) plus HELENE's momentum m, one tensor shaped like
+    the shard in state_dtype; batched probes allowed on shards (FZOO's direction needs nothing sharded)."""
+    kw = dict(dtype="bf16", backend=backend)
+    fzoo, hf = plan("opt-1.3b", gpus, optimizer="fzoo", **kw), plan("opt-1.3b", gpus, optimizer="helene-fzoo", **kw)
+    shard = hf.parts["weight shard"] // 2
+    assert hf.parts["optimizer state (fp32)"] == 4 * shard and fzoo.parts["optimizer state (fp32)"] == 0
+    assert hf.total_bytes - fzoo.total_bytes == 4 * shard and hf.state_bytes == (4 + 4) * shard  # m + master
+    bf16 = plan("opt-1.3b", gpus, optimizer="helene-fzoo", state_dtype="bf16", **kw)
+    assert bf16.parts["optimizer state (bf16)"] == 2 * shard and "momentum: 1×bf16 state" in bf16.report()
+    batched = plan("opt-1.3b", gpus, optimizer="helene-fzoo", batched_probes=True, n_directions=3, **kw)
+    if gpus > 1:
+        assert "(4 probe groups in it)" in batched.notes[0]
+    else:  # one process: the 4 groups' activations, as one forward of 4 micro-batches
+        assert batched.parts["forward peak (activations)"] == plan(
+            "opt-1.3b", 1, optimizer="mezo", batch=4 * 16, **kw).parts["forward peak (activations)"]
+
+
+def test_helene_fzoo_n_directions_from_a_config(tmp_path):
+    """A config's optimizer.n_directions reaches the planner for helene-fzoo, as for fzoo (not for other optimizers)."""
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": {"name": "opt-1.3b"}, "optimizer": {"name": "helene-fzoo", "n_directions": 3,
+                                                                           "batched_probes": True}}))
+    assert read_config(cfg)["n_directions"] == 3
+    cfg.write_text(json.dumps({"model": {"name": "opt-1.3b"}, "optimizer": {"name": "helene", "n_directions": 3}}))
+    assert "n_directions" not in read_config(cfg)
+
+
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
 @pytest.mark.parametrize("model", ["opt-13b", "llama-2-70b"])
 def test_monotonic_in_gpu_count(backend, model):

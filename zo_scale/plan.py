@@ -30,6 +30,7 @@ STATE_TENSORS = {"mezo": 0, "hizoo": 1, "helene": 2, "fzoo": 0}  # per-coordinat
 STATE_TENSORS["hizoo-l"] = 0  # a full H for vectors only; R, C per matrix: see factored_state_numbers
 STATE_TENSORS["zo-muon"] = 0  # rows of P per matrix: see subspace_state_numbers
 STATE_TENSORS["helene-muon"] = 0  # ZO-Muon's plus a momentum: M (r×n) per matrix, a full one for vectors
+STATE_TENSORS["helene-fzoo"] = 1  # FZOO's none plus HELENE's momentum m, sharded like the weights
 # ZO-Muon's bases: regenerated from the seed (never saved), drawn at the first step, not at construction
 P_ROWS, P_DRAW = "subspace bases: P rows (fp32)", "P draw + QR, U_i (per matrix)"
 BACKENDS = ("zero3", "fsdp2", "replicated")
@@ -180,6 +181,8 @@ class Plan:
             state = "rows of P per matrix"
         if self.optimizer == "helene-muon":
             state = "rows of P, M (r×n) per matrix + momentum of vectors"
+        if self.optimizer == "helene-fzoo":
+            state = f"momentum: 1×{self.state_dtype} state"
         lines = [
             f"zo_scale memory plan: {self.model} ({self.params / 1e9:.2f} B params), {self.dtype} weights, "
             f"{self.backend} on {self.gpus} GPU{'s' if self.gpus > 1 else ''}",
@@ -212,20 +215,20 @@ def _positive_int(value, what) -> int:
 
 # probe groups of a batched step and how many of them are perturbed, per optimizer (default N)
 GROUPS = {"mezo": (2, 2), "hizoo": (3, 2), "hizoo-l": (3, 2), "helene": (2, 2), "fzoo": (9, 8),
-          "zo-muon": (5, 4), "helene-muon": (5, 4)}
+          "zo-muon": (5, 4), "helene-muon": (5, 4), "helene-fzoo": (9, 8)}
 # batched probes need the direction over the whole gathered layer: HiZOO's z/√H reads a sharded H;
 # HiZOO-L's reads its replicated R, C and, for vectors, a whole H every rank then keeps;
 # ZO-Muon's P·U_i needs all of P, which every rank draws anyway
 BATCHED_ON_SHARDS = {"mezo": True, "helene": True, "fzoo": True, "hizoo": False, "hizoo-l": True,
-                     "zo-muon": True, "helene-muon": True}
+                     "zo-muon": True, "helene-muon": True, "helene-fzoo": True}
 
 
 # the optimizers whose probe count is an option (n_directions): a step is ℓ₀ and N one-sided probes
-PROBE_SETS = ("fzoo", "zo-muon", "helene-muon")
+PROBE_SETS = ("fzoo", "zo-muon", "helene-muon", "helene-fzoo")
 
 
 def probe_groups(optimizer: str, n_directions: int | None) -> int:
-    """G, the probe groups of one batched step (FZOO, ZO-Muon, HELENE-Muon: ℓ₀ and their N directions;
+    """G, the probe groups of one batched step (FZOO, HELENE-FZOO, ZO-Muon, HELENE-Muon: ℓ₀ and their N directions;
     ``None``: the optimizer's default N)."""
     if optimizer in PROBE_SETS and n_directions is not None:
         return n_directions + 1
@@ -269,8 +272,8 @@ def plan(
     ``reserve_gib`` covers the CUDA context, NCCL buffers and allocator slack. ``max_live_parameters`` and
     ``reuse_distance`` are ZeRO-3's stage3_max_live_parameters / stage3_max_reuse_distance (elements).
     ``rank``: whose shard to count (rank 0 holds the most on both backends). ``subspace_rank`` and
-    ``n_directions`` are ZO-Muon's / HELENE-Muon's r and N (N also FZOO's; None: each one's default, 8
-    or 4); ``batched_probes``: one forward carries every
+    ``n_directions`` are ZO-Muon's / HELENE-Muon's r and N (N also FZOO's and HELENE-FZOO's; None: each
+    one's default, 8 or 4); ``batched_probes``: one forward carries every
     probe group (``probe_groups``), its activations G times the micro-batch's, with a perturbed copy of
     the running module (``plan_gather.Batched``)."""
     shape = resolve_model(model)
@@ -479,9 +482,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help=f"{', '.join(MODELS)} or a transformers config.json")
     ap.add_argument("--gpus", type=int, help="GPUs sharing the model (default 1)")
     ap.add_argument("--dtype", help="weight dtype: bf16 (default), fp16, fp32")
-    ap.add_argument("--optimizer", help="helene (default), hizoo, hizoo-l, mezo, fzoo, zo-muon, helene-muon")
+    ap.add_argument("--optimizer", help="helene (default), hizoo, hizoo-l, mezo, fzoo, helene-fzoo, zo-muon, helene-muon")
     ap.add_argument("--subspace-rank", type=int, help="zo-muon / helene-muon subspace rank r (default 64)")
-    ap.add_argument("--n-directions", type=int, help="zo-muon / helene-muon probes per step N (default 4)")
+    ap.add_argument("--n-directions", type=int,
+                    help="probes per step N of fzoo / helene-fzoo (default 8) and zo-muon / helene-muon (default 4)")
     ap.add_argument("--batch", type=int, help="micro-batch per GPU (default 16)")
     ap.add_argument("--seq", type=int, help="sequence length (default 256)")
     ap.add_argument("--backend", help="zero3 (default), fsdp2, replicated")
