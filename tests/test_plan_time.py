@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO
 from zo_scale import plan_time
-from zo_scale.plan import MODELS, PlanError, plan
+from zo_scale.plan import GROUPS, MODELS, PlanError, plan
 from zo_scale.plan_time import H100, gather_seconds, step_time
 
 OPT66B = MODELS["opt-66b"]
@@ -54,6 +54,38 @@ def test_zo_muon_batched_builds_by_the_torch_path():
     kw = dict(optimizer="zo-muon", batch=1, seq=256, backend="fsdp2", n_directions=2)
     seq, bat = plan("opt-13b", 8, **kw), plan("opt-13b", 8, batched_probes=True, **kw)
     assert "(3 probe groups in it)" in bat.notes[0]  # N + 1 groups
+
+
+def test_helene_fzoo_is_fzoo_with_a_momentum_and_the_torch_build():
+    """HELENE-FZOO: FZOO's N + 1 forwards (N an option), batched on shards; no kernel takes it, so its groups'
+    weights are built by the torch path (32 B, not FZOO's kernel's 4·wb), and its update also reads and writes m."""
+    hbm = H100.hbm * H100.hbm_efficiency
+    n, shard = OPT66B.param_count(), -(-OPT66B.param_count() // 16)
+    fz, hf = (step_time("opt-66b", 16, optimizer=o, batch=1, batched=True) for o in ("fzoo", "helene-fzoo"))
+    assert hf.forwards == fz.forwards == 9 and hf.gather_s == fz.gather_s
+    assert hf.build_s == pytest.approx(n * 8 * 32 / hbm) and fz.build_s == pytest.approx(n * 8 * 4 * 2 / hbm)
+    assert hf.shard_passes_s - fz.shard_passes_s == pytest.approx(shard * 2 * 4 / hbm)  # m (fp32) read + write
+    seq = [step_time("opt-66b", 16, optimizer=o, batch=1) for o in ("fzoo", "helene-fzoo")]
+    assert seq[1].total_s - seq[0].total_s == pytest.approx(shard * 2 * 4 / hbm)
+    assert hf.total_s < seq[1].total_s
+    assert step_time("opt-13b", 16, optimizer="helene-fzoo", n_directions=3).forwards == 4
+
+
+@pytest.mark.parametrize("name", sorted(GROUPS))
+def test_torch_build_is_where_the_optimizer_takes_no_kernel(name, monkeypatch):
+    """TORCH_BUILD names exactly the optimizers whose shards never take the fused kernels where kernels run
+    (CUDA; here Triton's CPU interpreter), so the batched build is costed by the path that really runs."""
+    import torch
+
+    from zo_scale import kernels
+    from zo_scale.config import optimizer_class
+
+    monkeypatch.setenv("ZO_SCALE_TRITON_CPU", "1")
+    if not kernels.available():
+        pytest.skip("Triton's CPU interpreter is not available (TRITON_INTERPRET=1 must be set before triton loads)")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = optimizer_class(name)(model, lr=1e-3, eps=1e-3, **({"rank": 2} if "muon" in name else {}))
+    assert (not any(opt._uses_kernels(v) for v in opt.views)) == (name in plan_time.TORCH_BUILD)
 
 
 def test_hizoo_batched_on_shards_is_refused():

@@ -18,9 +18,10 @@ micro-batch of b × s tokens and a step of G probe groups (forwards), G_d of the
   and ``kernels.perturb_`` on it (z made in the kernel) move 4·wb per parameter (the default); the
   chunked torch path, with z in fp32 and the sum through fp32, moves ~32 B (bf16), the default of
   ZO-Muon / HELENE-Muon, which have no fused kernel (their P·U_i products, 2r FLOPs per element on
-  either path, are left out);
+  either path, are left out), and of HELENE-FZOO, whose optimizer takes no kernel at all;
 * the shard-local passes: sequential moves (perturb, 2 legs per move where a master is absent) and the
-  restore+update, (4 + wb) and (8 + wb) + 2·state bytes per shard parameter, at HBM speed; the scalar
+  restore+update, (4 + wb) and (8 + wb) + 2·state bytes per shard parameter, at HBM speed (on the torch
+  path too: its z chunks, regenerated per chunk, are left out, as they are for ZO-Muon); the scalar
   all-reduce is a few microseconds and left out.
 
 Estimates, not measurements: efficiencies are the stated fractions of peak, collectives are modelled
@@ -55,7 +56,10 @@ class Cluster:
 
 H100 = Cluster()
 TORCH_BUILD_BYTES = 32  # per parameter and group: the chunked torch path (bf16)
-TORCH_BUILD = ("zo-muon", "helene-muon", "hizoo-l")  # optimizers whose groups' weights are built by the torch path
+# optimizers whose groups' weights are built by the torch path: HELENE-FZOO's _kernel_takes_samples is False
+# (FZOO's fused update has no momentum), so its _uses_kernels is False for every shard and FZOO's
+# kernels.perturb_ in _add_gathered_direction_ never runs for it
+TORCH_BUILD = ("zo-muon", "helene-muon", "hizoo-l", "helene-fzoo")
 
 
 @dataclass
@@ -89,7 +93,7 @@ def step_time(model, gpus: int, *, optimizer: str = "mezo", batched: bool = Fals
               batch: int = 1, seq: int = 256, master: bool | None = None, state_dtype: str = "fp32",
               build_bytes: float | None = None, n_directions: int | None = None, cluster: Cluster = H100) -> StepTime:
     """Seconds per step on ``gpus`` GPUs sharing the model (ZeRO-3 or FSDP2), ``batch`` × ``seq`` per GPU.
-    ``n_directions``: N of FZOO, ZO-Muon, HELENE-Muon (None: their default, 8 or 4)."""
+    ``n_directions``: N of FZOO, HELENE-FZOO, ZO-Muon, HELENE-Muon (None: their default, 8 or 4)."""
     shape = resolve_model(model)
     dtype = DTYPE_ALIASES.get(dtype, dtype)
     state_dtype = DTYPE_ALIASES.get(state_dtype, state_dtype)
@@ -107,6 +111,8 @@ def step_time(model, gpus: int, *, optimizer: str = "mezo", batched: bool = Fals
     gather = gather_seconds(n, wb, gpus, cluster)
     compute = forward_seconds(shape, wb, batch * seq, seq, cluster)
     hbm = cluster.hbm * cluster.hbm_efficiency
+    # each per-coordinate state tensor read and written once (HELENE: m, h; HELENE-FZOO: m, on its torch path
+    # as on HELENE's kernel: the bytes it must move, its regenerated z left out as in the docstring)
     update = shard * ((8 + wb) + 2 * STATE_TENSORS[optimizer] * sb) / hbm
     if batched:
         per_param = build_bytes if build_bytes is not None else TORCH_BUILD_BYTES if optimizer in TORCH_BUILD else 4 * wb
