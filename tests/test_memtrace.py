@@ -121,6 +121,16 @@ def test_subspace_optimizers_allocate_what_the_planner_counts(optimizer):
     assert traced.state == planned.state_bytes and (traced.state > 0) == (optimizer == "helene-muon")
 
 
+@pytest.mark.parametrize("state_dtype, master", [("fp32", True), ("bf16", False)])
+def test_helene_fzoo_allocates_its_momentum_as_planned(state_dtype, master):
+    """HELENE-FZOO allocates one momentum per coordinate in state_dtype (and the master): the planner's bytes."""
+    n = MODELS["opt-125m"].param_count()
+    traced = trace_memory("opt-125m", batch=1, seq=8, optimizer="helene-fzoo", state_dtype=state_dtype, master=master)
+    planned = plan("opt-125m", 1, optimizer="helene-fzoo", dtype="bf16", backend="replicated", master=master,
+                   state_dtype=state_dtype)
+    assert traced.state == planned.state_bytes == n * ({"fp32": 4, "bf16": 2}[state_dtype] + (4 if master else 0))
+
+
 def test_cli_prints_the_comparison_and_refuses_unknown_models():
     ok = subprocess.run([sys.executable, "-m", "zo_scale.memtrace", "--model", "opt-125m", "--batch", "2"],
                         capture_output=True, text=True, timeout=300)

@@ -158,13 +158,13 @@ def trace_memory(model, *, batch: int = 16, seq: int = 256, dtype: str = "bf16",
     labels on every token (the planner's worst case), as ``bench/step_bench.py`` runs it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from zo_scale import FZOO, HELENE, HELENEMuon, HiZOO, HiZOOL, MeZO, ZOMuon
+    from zo_scale import FZOO, HELENE, HELENEFZOO, HELENEMuon, HiZOO, HiZOOL, MeZO, ZOMuon
 
     shape = resolve_model(model)
     dtype = TORCH_DTYPES[DTYPE_ALIASES.get(dtype, dtype)]
     state = TORCH_DTYPES[DTYPE_ALIASES.get(state_dtype, state_dtype)]
     optimizers = {"mezo": MeZO, "hizoo": HiZOO, "helene": HELENE, "fzoo": FZOO, "hizoo-l": HiZOOL, "zo-muon": ZOMuon,
-                  "helene-muon": HELENEMuon}
+                  "helene-muon": HELENEMuon, "helene-fzoo": HELENEFZOO}
     with FakeTensorMode():
         net = build_model(shape, dtype, attention=attention)
         weights = sum(p.numel() * p.element_size() for p in net.parameters())
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zo_scale.memtrace", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a zo_scale.plan model name or a transformers config.json")
     ap.add_argument("--optimizer", default="helene", choices=["mezo", "hizoo", "helene", "fzoo", "hizoo-l", "zo-muon",
-                                                              "helene-muon"])
+                                                              "helene-muon", "helene-fzoo"])
     ap.add_argument("--dtype", default="bf16", choices=list(TORCH_DTYPES))
     ap.add_argument("--state-dtype", default="fp32", choices=list(TORCH_DTYPES))
     ap.add_argument("--master", action=argparse.BooleanOptionalAction, default=None)
