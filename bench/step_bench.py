@@ -10,7 +10,8 @@ For random-init OPT shapes (bf16, batch 16 × seq 256) it measures, in one run:
   passes                each ZO pass (perturb, fused restore+update) as the optimizer runs it (the
                         fused kernels on CUDA) and through its chunked torch path, against
                         bytes-it-must-move / copy bandwidth
-  steps                 opt.step(closure) for MeZO, HiZOO, HELENE, FZOO (N = 8), ZO-Muon and HELENE-Muon (N = 4,
+  steps                 opt.step(closure) for MeZO, HiZOO, HELENE, FZOO (N = 8), HELENE-FZOO (N = 8, torch path:
+                        no kernel has its momentum), ZO-Muon and HELENE-Muon (N = 4,
                         r = 64: torch path, rank-r matmuls), HELENE's lightest configuration
                         (helene-lean: bf16 state, no master), and the official-style MeZO
                         (torch.manual_seed + torch.normal per parameter, four passes)
@@ -38,18 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # official_mezo.py nex
 
 from official_mezo import OfficialMeZO  # noqa: E402
 
-from zo_scale import FZOO, HELENE, HELENEMuon, HiZOO, MeZO, ZOMuon, kernels  # noqa: E402
+from zo_scale import FZOO, HELENE, HELENEFZOO, HELENEMuon, HiZOO, MeZO, ZOMuon, kernels  # noqa: E402
 from zo_scale.memtrace import LiveTensorBytes, build_model, planned_total  # noqa: E402
 from zo_scale.plan import GIB, MODELS, ModelShape, plan  # noqa: E402
 
 TINY = ModelShape("tiny", "opt", hidden=64, layers=2, heads=4, ffn=256, vocab=1000, max_positions=64)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPTIMIZERS = {"mezo": MeZO, "hizoo": HiZOO, "helene": HELENE, "fzoo": FZOO, "zo-muon": ZOMuon,
-              "helene-muon": HELENEMuon}
-# FZOO: ℓ₀ + N = 8 one-sided probes; ZO-Muon, HELENE-Muon: ℓ₀ + N = 4
-FORWARDS = {"mezo": 2, "hizoo": 3, "helene": 2, "fzoo": 9, "zo-muon": 5, "helene-muon": 5}
+OPTIMIZERS = {"mezo": MeZO, "hizoo": HiZOO, "helene": HELENE, "fzoo": FZOO, "helene-fzoo": HELENEFZOO,
+              "zo-muon": ZOMuon, "helene-muon": HELENEMuon}
+# FZOO, HELENE-FZOO: ℓ₀ + N = 8 one-sided probes; ZO-Muon, HELENE-Muon: ℓ₀ + N = 4
+FORWARDS = {"mezo": 2, "hizoo": 3, "helene": 2, "fzoo": 9, "helene-fzoo": 9, "zo-muon": 5, "helene-muon": 5}
 # perturb passes a step makes besides its update
-PERTURBS = {"mezo": 2, "hizoo": 2, "helene": 2, "fzoo": 8, "zo-muon": 4, "helene-muon": 4}
+PERTURBS = {"mezo": 2, "hizoo": 2, "helene": 2, "fzoo": 8, "helene-fzoo": 8, "zo-muon": 4, "helene-muon": 4}
 # Variants with their own state dtype and master: "helene-lean" is HELENE's lightest configuration
 # (bf16 momentum and Hessian, updates applied to the bf16 weights in place), 20 B per parameter a step.
 VARIANTS = {"helene-lean": ("helene", {"state_dtype": "bf16", "master": False})}
@@ -164,8 +165,10 @@ def optimizer_pass(opt, kind: str):
             sign[0] = -sign[0]
 
         return run
-    if isinstance(opt, FZOO):  # its step computes N coefficients itself
+    if isinstance(opt, FZOO):  # its step computes N coefficients itself (HELENE-FZOO: and α_t, here α_0 = 1)
         coefs = [0.1] * opt.n_samples
+        if isinstance(opt, HELENEFZOO):
+            opt._alpha = 1.0
         return lambda: opt._restore_and_update(coefs, {})
     if isinstance(opt, ZOMuon):  # restore + P·NS(G) per matrix, the N one-sided coefficients given
         coefs = [0.1] * opt.n_samples
@@ -174,6 +177,12 @@ def optimizer_pass(opt, kind: str):
     losses = {"plus": [1.001], "minus": [0.999], "zero": 1.0, "proj_grads": pgs}
     scalars = opt._before_update(losses)
     return lambda: opt._restore_and_update(pgs, scalars)
+
+
+def fused_path(opt) -> bool:
+    """Whether the optimizer's passes run the fused kernels: its own dispatch, so that ZO-Muon, HELENE-Muon and
+    HELENE-FZOO (no kernel takes them) are reported as the torch path they run on CUDA too."""
+    return all(opt._uses_kernels(v) for v in opt.views)
 
 
 @contextlib.contextmanager
@@ -217,7 +226,7 @@ def bench_model(name: str, shape: ModelShape, args, device, timer: Timer, bw: fl
         try:
             opt = OPTIMIZERS[base](model, lr=args.lr, eps=1e-3, seed=1, master_weights=master,
                                    state_dtype=DTYPES[state_dtype])
-            fused = kernels.available() and device.type == "cuda"
+            fused = fused_path(opt)
             entry["path"] = "fused" if fused else "torch"
             entry["chunk_bytes"] = p.parts["z chunk (fp32)"]  # 4 B × min(chunk_size, shard)
             entry["planned_bytes"] = planned_total(p) + (0 if fused else entry["chunk_bytes"])

@@ -35,7 +35,10 @@ def test_tiny_bench_runs_and_writes_json(tmp_path):
     assert res["copy_bw"] > 0
     (m,) = res["models"]
     assert m["model"] == "tiny" and (m["batch"], m["seq"]) == (2, 32) and m["forward_ms"] > 0
-    assert set(m["steps"]) == {"mezo", "hizoo", "helene", "fzoo", "zo-muon", "helene-muon", "helene-lean", "official-mezo"}
+    assert set(m["steps"]) == {"mezo", "hizoo", "helene", "fzoo", "helene-fzoo", "zo-muon", "helene-muon", "helene-lean",
+                               "official-mezo"}
+    assert m["steps"]["helene-fzoo"]["state_bytes"] == (4 + 4) * m["params"]  # momentum + master, fp32
+    assert m["steps"]["helene-fzoo"]["forwards"] == 9 and "helene-fzoo update" in [p["pass"] for p in m["passes"]]
     assert all(s["ms"] > 0 for s in m["steps"].values())
     names = [p["pass"] for p in m["passes"]]
     assert "helene update" in names and "official torch.normal perturb" in names
@@ -79,6 +82,24 @@ def test_pass_bytes():
     fp32 = torch.nn.Linear(8, 8, bias=False)
     assert sb.pass_bytes(sb.MeZO(fp32, lr=0.0), "perturb") == n * 8  # in place: read + write 4 B
     assert sb.pass_bytes(sb.MeZO(fp32, lr=0.0), "update") == n * 8
+    hf = sb.HELENEFZOO(model, lr=0.0)
+    assert sb.pass_bytes(hf, "perturb") == n * 6 and sb.pass_bytes(hf, "update") == n * (10 + 2 * 4)  # + m (fp32)
+
+
+def test_path_is_the_optimizers_own_dispatch(monkeypatch):
+    """Where the kernels run (CUDA; here Triton's CPU interpreter) FZOO's passes are fused, HELENE-FZOO's (no kernel
+    has its momentum) and ZO-Muon's are not: the bench once labelled every optimizer 'fused' on CUDA."""
+    from zo_scale import kernels
+
+    sb = _step_bench()
+    monkeypatch.setenv("ZO_SCALE_TRITON_CPU", "1")
+    if not kernels.available():
+        pytest.skip("Triton's CPU interpreter is not available (TRITON_INTERPRET=1 must be set before triton loads)")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    assert sb.fused_path(sb.FZOO(model, lr=0.0)) and sb.fused_path(sb.MeZO(model, lr=0.0))
+    assert not sb.fused_path(sb.HELENEFZOO(model, lr=0.0)) and not sb.fused_path(sb.ZOMuon(model, lr=0.0, rank=2))
+    monkeypatch.delenv("ZO_SCALE_TRITON_CPU")
+    assert not sb.fused_path(sb.FZOO(model, lr=0.0))  # CPU tensors without the interpreter: the torch path
 
 
 def test_targets_judge_steps_passes_peak_and_planner():

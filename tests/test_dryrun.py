@@ -125,6 +125,17 @@ def test_an_optimizer_refusing_its_options_exits_2_with_its_line(capsys, monkeyp
     assert len(err) == 1 and err[0].startswith("zo_scale: error: HiZOO with batched_probes needs whole parameters")
 
 
+@pytest.mark.parametrize("optimizer, groups", [("helene-fzoo", 4), ("fzoo", 4), ("helene", 2)])
+def test_probe_set_n_directions_reaches_the_plan(optimizer, groups, monkeypatch):
+    """optimizer.n_directions = 3 is the plan's N for the probe-set optimizers (4 batched groups, not the default 9)."""
+    monkeypatch.chdir(ROOT)
+    spec = _tiny_spec("--optimizer", optimizer, "--set", "optimizer.batched_probes=true",
+                      *(["--set", "optimizer.n_directions=3"] if groups == 4 else []))
+    assert spec.optimizer_cls.__name__ == {"helene-fzoo": "HELENEFZOO", "fzoo": "FZOO", "helene": "HELENE"}[optimizer]
+    p = plan(spec.shape, spec.world, rank=3, **spec.plan_kwargs)
+    assert f"({groups} probe groups in it)" in p.notes[0]
+
+
 def test_zero3_replay_follows_max_live_and_reuse_distance():
     kw = dict(backend="zero3", batch=1, seq=256, attention="sdpa")
     default = plan("opt-1.3b", 8, **kw)
@@ -157,7 +168,7 @@ def test_batched_probes_step_gathers_the_model_once(config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["mezo", "hizoo", "hizoo-l", "helene", "fzoo"])
+@pytest.mark.parametrize("optimizer", ["mezo", "hizoo", "hizoo-l", "helene", "fzoo", "helene-fzoo"])
 def test_every_optimizer_steps_on_fsdp2_shards_as_planned(optimizer):
     """fp32 weights (the tiny config): before the planner knew fp32 logits need no upcast copy, the loss's peak
     was over-planned by a third and this failed."""
