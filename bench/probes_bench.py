@@ -29,13 +29,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zo_scale import FZOO, HELENE, HELENEMuon, HiZOO, HiZOOL, MeZO, ZOMuon, probes  # noqa: E402
+from zo_scale import FZOO, HELENE, HELENEFZOO, HELENEMuon, HiZOO, HiZOOL, MeZO, ZOMuon, probes  # noqa: E402
 from zo_scale.memtrace import build_model  # noqa: E402
 from zo_scale.plan import ModelShape  # noqa: E402
 
 SHAPE = ModelShape("bench", "opt", hidden=256, layers=4, heads=4, ffn=1024, vocab=4000, max_positions=128)
 OPTIMIZERS = {"mezo": (MeZO, {}), "helene": (HELENE, {}), "hizoo": (HiZOO, {}), "hizoo-l": (HiZOOL, {}),
-              "fzoo": (FZOO, {"n_directions": 8}), "zo-muon": (ZOMuon, {"n_directions": 4}),
+              "fzoo": (FZOO, {"n_directions": 8}), "helene-fzoo": (HELENEFZOO, {"n_directions": 8}),
+              "zo-muon": (ZOMuon, {"n_directions": 4}),
               "helene-muon": (HELENEMuon, {"n_directions": 4})}
 
 
