@@ -12,7 +12,8 @@ makes the next forward gather again what it released):
 * all-reduce: at most a few hundred bytes beyond the forwards' (which issue none here). Measured:
   MeZO 32 B (one fp64 all-reduce of (sum, weight) for l+ and l-), HiZOO 48 B (l0 as well),
   HELENE 48 B (32 B of losses + 16 B for the clip fraction, a second all-reduce), FZOO 16·(N + 1) B
-  (ℓ₀ and the N probes; 64 B at the tests' N = 3, 144 B at the default N = 8); ZO-Muon and
+  (ℓ₀ and the N probes; 64 B at the tests' N = 3, 144 B at the default N = 8); HELENE-FZOO the same
+  16·(N + 1) B (48 B at the tests' N = 2): its momentum is per-coordinate and local; ZO-Muon and
   HELENE-Muon 16·(N + 1) B likewise (48 B at the tests' N = 2, 80 B at the default N = 4): P, U_i,
   G and NS(G) are computed on every rank, nothing else is sent.
 
@@ -41,7 +42,7 @@ from dist_scripts import harness  # noqa: E402
 from zo_scale.optim.hizoo_l import factored_shape  # noqa: E402
 
 EXPECTED_ALLREDUCE = {"MeZO": (1, 32), "HiZOO": (1, 48), "HELENE": (2, 48), "FZOO": (1, 64), "ZOMuon": (1, 48),
-                      "HELENEMuon": (1, 48)}  # (calls, bytes) per step
+                      "HELENEMuon": (1, 48), "HELENEFZOO": (1, 48)}  # (calls, bytes) per step
 MAX_OPTIMIZER_ALLREDUCE_BYTES = 256
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -49,7 +50,7 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3d", "zero3"])
-@pytest.mark.parametrize("name", ["MeZO", "HiZOO", "HELENE", "FZOO", "ZOMuon", "HELENEMuon"])
+@pytest.mark.parametrize("name", ["MeZO", "HiZOO", "HELENE", "FZOO", "ZOMuon", "HELENEMuon", "HELENEFZOO"])
 def test_step_adds_only_a_few_allreduced_scalars(name, backend, world, record_property):
     rec = harness.results(world)[("coll", backend, name)]
     step, bare = dict(rec["step"]), dict(rec["bare"])
@@ -86,7 +87,7 @@ MAX_BATCHED_GATHER_RATIO = 1.1  # gather bytes of a batched step / one forward's
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3d", "zero3"])
-@pytest.mark.parametrize("name", ["MeZO", "HELENE", "FZOO", "ZOMuon", "HELENEMuon"])
+@pytest.mark.parametrize("name", ["MeZO", "HELENE", "FZOO", "ZOMuon", "HELENEMuon", "HELENEFZOO"])
 def test_batched_probes_gather_the_model_once_per_step(name, backend, world, record_property):
     rec = harness.results(world)[("coll", backend, name)]
     one_forward = _gather_bytes(rec["bare"]) / rec["n_fwd"]
