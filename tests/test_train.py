@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from conftest import PYTHON, REPO, launch_env
 from zo_scale import run_checkpoint
+from zo_scale.optim.updates import helene_alpha
 from zo_scale.trainer.cli import main
 
 TRAIN = str(REPO / "launch" / "train.py")
@@ -414,14 +415,18 @@ def test_other_objectives(tmp_path, objective, extra):
         assert all(0.0 < r["loss_plus"] < 5.0 for r in steps)
 
 
-def test_fzoo_from_a_config(tmp_path):
-    """optimizer.name 'fzoo': N + 1 forwards a step, σ and ℓ₀ in the step records."""
+@pytest.mark.parametrize("name, extra", [("fzoo", ""), ("helene-fzoo", ', "beta1": 0.8, "anneal_horizon": 2.0')])
+def test_fzoo_from_a_config(tmp_path, name, extra):
+    """optimizer.name 'fzoo' / 'helene-fzoo': N + 1 forwards a step, σ and ℓ₀ in the step records (and HELENE-FZOO's
+    α_t, annealed by the config's β1 and horizon)."""
     out = tmp_path / "run"
-    opt = '{"name": "fzoo", "lr": 0.001, "eps": 0.001, "n_directions": 3}'
+    opt = f'{{"name": "{name}", "lr": 0.001, "eps": 0.001, "n_directions": 3{extra}}}'
     assert main(["--config", TINY_LLAMA, *_sets(out, f"optimizer={opt}", "train.steps=3", "eval.every=0")]) == 0
     steps = step_records(out)
     assert [r["forward_passes"] for r in steps] == [4, 8, 12]
     assert all(r["sigma"] > 0 and r["loss"] == r["loss_zero"] and r["loss_minus"] is None for r in steps)
+    alphas = [helene_alpha(t, beta1=0.8, anneal="exp", horizon=2.0) for t in range(3)]
+    assert [r.get("alpha") for r in steps] == (alphas if name == "helene-fzoo" else [None] * 3)
 
 
 @pytest.mark.parametrize("name, extra", [("zo-muon", ""), ("helene-muon", ', "beta1": 0.8, "resample_momentum": "reset"')])
