@@ -7,7 +7,8 @@ way torchtitan and pytorch/examples ``distributed/FSDP2`` do (DCP of get_*_state
 and must land on the uninterrupted trajectory bit for bit (one forward per sequence, fp64 loss sums).
 Optimizers: HELENE on bf16 weights (fp32 master, momentum, Hessian), MeZO in fp32 (no state) and
 HiZOO-L (factored Hessian, whole on every rank, plus a full one for 1-D tensors), HELENE-Muon on bf16
-(subspace momentum whole on every rank per matrix, its epoch in param_groups, momentum of 1-D tensors).
+(subspace momentum whole on every rank per matrix, its epoch in param_groups, momentum of 1-D tensors),
+HELENE-FZOO on bf16 (fp32 master and a momentum per coordinate, sharded like the weights).
 
 Before the torch-layout state_dict (zo_scale/optim/state_dict.py) these failed: get_optimizer_state_dict
 raised ``zo_scale: ZO optimizers need a closure`` from torch's _init_optim_state and left lr 0 and zero
@@ -27,7 +28,7 @@ from conftest import REPO, VENV_BIN, free_port, run_multiproc
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 SCRIPT = REPO / "tests" / "dist_scripts" / "dcp_user_loop.py"
-OPTIMIZERS = ("HELENE", "MeZO", "HiZOOL", "HELENEMuon")
+OPTIMIZERS = ("HELENE", "MeZO", "HiZOOL", "HELENEMuon", "HELENEFZOO")
 TIMEOUT_S = 300  # ~35-45 s each on 2 loaded cores
 
 
@@ -64,7 +65,7 @@ def test_state_is_torch_layout_with_dtensors_placed_like_the_parameters(results,
     assert "error" not in rec, rec.get("error")
     assert {"params", "zo_format", "zo_optimizer", "zo_seed", "zo_counters", "lr"} <= set(rec["group_keys"])
     assert ("momentum_epoch" in rec["group_keys"]) == (name == "HELENEMuon")
-    expected = {"HELENE": {"master", "momentum", "hessian"}, "MeZO": set()}
+    expected = {"HELENE": {"master", "momentum", "hessian"}, "MeZO": set(), "HELENEFZOO": {"master", "momentum"}}
     for fqn, entry in rec["layout"].items():
         if name == "HiZOOL":  # matrices keep R, C (plain, whole); 1-D tensors HiZOO's full H
             assert set(entry) in ({"hessian_rows", "hessian_cols"}, {"hessian"}), (fqn, entry)

@@ -62,6 +62,8 @@ OPTIMIZERS = {  # name -> (weights dtype, options): every kind of state, and non
     # M (r×n, whole on every rank) per matrix, its epoch in the group; resampled at step 3, after the resume
     "HELENEMuon": (torch.bfloat16, dict(lr=1e-3, eps=1e-2, n_directions=2, rank=4, resample_every=3, lr_1d=1e-3,
                                         anneal_horizon=4.0)),
+    # a per-coordinate momentum beside the master, still annealing at the resume (α_2 ≠ β1)
+    "HELENEFZOO": (torch.bfloat16, dict(lr=1e-3, eps=1e-2, n_directions=2, anneal_horizon=4.0)),
 }
 KINDS = ("dsd", "titan", "plain", "full_dcp", "full_dtensor")
 FLAT = {"dsd": StateDictOptions(), "titan": StateDictOptions(flatten_optimizer_state_dict=True)}
