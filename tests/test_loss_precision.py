@@ -42,6 +42,7 @@ OPTIMIZERS = [
     (zo_scale.HiZOOL, {}),
     (zo_scale.HELENE, {}),
     (zo_scale.FZOO, {"n_directions": 4}),
+    (zo_scale.HELENEFZOO, {"n_directions": 4}),
 ]
 
 

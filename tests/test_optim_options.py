@@ -20,6 +20,7 @@ def model():
         (zo_scale.HiZOO, "hessian_smoth", "hessian_smooth"),
         (zo_scale.HiZOOL, "factored_min_dims", "factored_min_dim"),
         (zo_scale.HELENE, "beta_1", "beta1"),
+        (zo_scale.HELENEFZOO, "anneal_horizn", "anneal_horizon"),  # its own option, beside FZOO's
     ],
 )
 def test_unknown_option_raises_type_error(cls, typo, meant):
