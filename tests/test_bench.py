@@ -35,8 +35,8 @@ def test_tiny_bench_runs_and_writes_json(tmp_path):
     assert res["copy_bw"] > 0
     (m,) = res["models"]
     assert m["model"] == "tiny" and (m["batch"], m["seq"]) == (2, 32) and m["forward_ms"] > 0
-    assert set(m["steps"]) == {"mezo", "hizoo", "helene", "fzoo", "helene-fzoo", "zo-muon", "helene-muon", "helene-lean",
-                               "official-mezo"}
+    assert set(m["steps"]) == {"mezo", "hizoo", "helene", "fzoo", "helene-fzoo", "zo-muon", "helene-muon",
+                               "helene-lean", "official-mezo"}
     assert m["steps"]["helene-fzoo"]["state_bytes"] == (4 + 4) * m["params"]  # momentum + master, fp32
     assert m["steps"]["helene-fzoo"]["forwards"] == 9 and "helene-fzoo update" in [p["pass"] for p in m["passes"]]
     assert all(s["ms"] > 0 for s in m["steps"].values())

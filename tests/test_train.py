@@ -417,8 +417,8 @@ def test_other_objectives(tmp_path, objective, extra):
 
 @pytest.mark.parametrize("name, extra", [("fzoo", ""), ("helene-fzoo", ', "beta1": 0.8, "anneal_horizon": 2.0')])
 def test_fzoo_from_a_config(tmp_path, name, extra):
-    """optimizer.name 'fzoo' / 'helene-fzoo': N + 1 forwards a step, σ and ℓ₀ in the step records (and HELENE-FZOO's
-    α_t, annealed by the config's β1 and horizon)."""
+    """optimizer.name 'fzoo' / 'helene-fzoo': N + 1 forwards a step, σ and ℓ₀ in the step records (and
+    HELENE-FZOO's α_t, annealed by the config's β1 and horizon)."""
     out = tmp_path / "run"
     opt = f'{{"name": "{name}", "lr": 0.001, "eps": 0.001, "n_directions": 3{extra}}}'
     assert main(["--config", TINY_LLAMA, *_sets(out, f"optimizer={opt}", "train.steps=3", "eval.every=0")]) == 0

@@ -482,7 +482,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help=f"{', '.join(MODELS)} or a transformers config.json")
     ap.add_argument("--gpus", type=int, help="GPUs sharing the model (default 1)")
     ap.add_argument("--dtype", help="weight dtype: bf16 (default), fp16, fp32")
-    ap.add_argument("--optimizer", help="helene (default), hizoo, hizoo-l, mezo, fzoo, helene-fzoo, zo-muon, helene-muon")
+    ap.add_argument("--optimizer",
+                    help="helene (default), hizoo, hizoo-l, mezo, fzoo, helene-fzoo, zo-muon, helene-muon")
     ap.add_argument("--subspace-rank", type=int, help="zo-muon / helene-muon subspace rank r (default 64)")
     ap.add_argument("--n-directions", type=int,
                     help="probes per step N of fzoo / helene-fzoo (default 8) and zo-muon / helene-muon (default 4)")
