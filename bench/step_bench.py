@@ -10,8 +10,8 @@ For random-init OPT shapes (bf16, batch 16 × seq 256) it measures, in one run:
   passes                each ZO pass (perturb, fused restore+update) as the optimizer runs it (the
                         fused kernels on CUDA) and through its chunked torch path, against
                         bytes-it-must-move / copy bandwidth
-  steps                 opt.step(closure) for MeZO, HiZOO, HELENE, FZOO (N = 8), HELENE-FZOO (N = 8, torch path:
-                        no kernel has its momentum), ZO-Muon and HELENE-Muon (N = 4,
+  steps                 opt.step(closure) for MeZO, HiZOO, HELENE, FZOO (N = 8), HELENE-FZOO (N = 8, FZOO's
+                        kernels for the probes, its update on the torch path), ZO-Muon and HELENE-Muon (N = 4,
                         r = 64: torch path, rank-r matmuls), HELENE's lightest configuration
                         (helene-lean: bf16 state, no master), and the official-style MeZO
                         (torch.manual_seed + torch.normal per parameter, four passes)
@@ -179,9 +179,12 @@ def optimizer_pass(opt, kind: str):
     return lambda: opt._restore_and_update(pgs, scalars)
 
 
-def fused_path(opt) -> bool:
-    """Whether the optimizer's passes run the fused kernels: its own dispatch, so that ZO-Muon, HELENE-Muon and
-    HELENE-FZOO (no kernel takes them) are reported as the torch path they run on CUDA too."""
+def fused_path(opt, kind: str = "perturb") -> bool:
+    """Whether the optimizer's ``kind`` pass runs the fused kernels: its own dispatch, so that ZO-Muon and
+    HELENE-Muon (no kernel takes them) are reported as the torch path they run on CUDA too, and HELENE-FZOO's
+    update (FZOO's kernel has no momentum) as the torch path, its perturb pass as fused."""
+    if kind == "update" and isinstance(opt, HELENEFZOO):
+        return False
     return all(opt._uses_kernels(v) for v in opt.views)
 
 
@@ -226,12 +229,13 @@ def bench_model(name: str, shape: ModelShape, args, device, timer: Timer, bw: fl
         try:
             opt = OPTIMIZERS[base](model, lr=args.lr, eps=1e-3, seed=1, master_weights=master,
                                    state_dtype=DTYPES[state_dtype])
-            fused = fused_path(opt)
-            entry["path"] = "fused" if fused else "torch"
+            entry["path"] = "fused" if fused_path(opt) else "torch"
             entry["chunk_bytes"] = p.parts["z chunk (fp32)"]  # 4 B × min(chunk_size, shard)
-            entry["planned_bytes"] = planned_total(p) + (0 if fused else entry["chunk_bytes"])
+            # the torch update holds z chunks the fused one makes in registers
+            entry["planned_bytes"] = planned_total(p) + (0 if fused_path(opt, "update") else entry["chunk_bytes"])
             for kind in ("perturb", "update"):
-                row = {"pass": f"{oname} {kind}", "bytes": pass_bytes(opt, kind), "path": entry["path"]}
+                fused = fused_path(opt, kind)
+                row = {"pass": f"{oname} {kind}", "bytes": pass_bytes(opt, kind), "path": "fused" if fused else "torch"}
                 row["floor_ms"] = row["bytes"] / bw * 1e3
                 row["ms"] = timer(optimizer_pass(opt, kind)) * 1e3
                 opt._move_to(0, 0)

@@ -87,8 +87,9 @@ def test_pass_bytes():
 
 
 def test_path_is_the_optimizers_own_dispatch(monkeypatch):
-    """Where the kernels run (CUDA; here Triton's CPU interpreter) FZOO's passes are fused, HELENE-FZOO's (no kernel
-    has its momentum) and ZO-Muon's are not: the bench once labelled every optimizer 'fused' on CUDA."""
+    """Where the kernels run (CUDA; here Triton's CPU interpreter) FZOO's passes are fused, HELENE-FZOO's perturb
+    pass too but not its update (no kernel has its momentum), ZO-Muon's neither: the bench once labelled every
+    optimizer 'fused' on CUDA."""
     from zo_scale import kernels
 
     sb = _step_bench()
@@ -97,7 +98,9 @@ def test_path_is_the_optimizers_own_dispatch(monkeypatch):
         pytest.skip("Triton's CPU interpreter is not available (TRITON_INTERPRET=1 must be set before triton loads)")
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
     assert sb.fused_path(sb.FZOO(model, lr=0.0)) and sb.fused_path(sb.MeZO(model, lr=0.0))
-    assert not sb.fused_path(sb.HELENEFZOO(model, lr=0.0)) and not sb.fused_path(sb.ZOMuon(model, lr=0.0, rank=2))
+    hf = sb.HELENEFZOO(model, lr=0.0)
+    assert sb.fused_path(hf) and not sb.fused_path(hf, "update") and sb.fused_path(sb.FZOO(model, lr=0.0), "update")
+    assert not sb.fused_path(sb.ZOMuon(model, lr=0.0, rank=2))
     monkeypatch.delenv("ZO_SCALE_TRITON_CPU")
     assert not sb.fused_path(sb.FZOO(model, lr=0.0))  # CPU tensors without the interpreter: the torch path
 

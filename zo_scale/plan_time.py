@@ -18,7 +18,7 @@ micro-batch of b × s tokens and a step of G probe groups (forwards), G_d of the
   and ``kernels.perturb_`` on it (z made in the kernel) move 4·wb per parameter (the default); the
   chunked torch path, with z in fp32 and the sum through fp32, moves ~32 B (bf16), the default of
   ZO-Muon / HELENE-Muon, which have no fused kernel (their P·U_i products, 2r FLOPs per element on
-  either path, are left out), and of HELENE-FZOO, whose optimizer takes no kernel at all;
+  either path, are left out);
 * the shard-local passes: sequential moves (perturb, 2 legs per move where a master is absent) and the
   restore+update, (4 + wb) and (8 + wb) + 2·state bytes per shard parameter, at HBM speed (on the torch
   path too: its z chunks, regenerated per chunk, are left out, as they are for ZO-Muon); the scalar
@@ -56,10 +56,9 @@ class Cluster:
 
 H100 = Cluster()
 TORCH_BUILD_BYTES = 32  # per parameter and group: the chunked torch path (bf16)
-# optimizers whose groups' weights are built by the torch path: HELENE-FZOO's _kernel_takes_samples is False
-# (FZOO's fused update has no momentum), so its _uses_kernels is False for every shard and FZOO's
-# kernels.perturb_ in _add_gathered_direction_ never runs for it
-TORCH_BUILD = ("zo-muon", "helene-muon", "hizoo-l", "helene-fzoo")
+# optimizers whose groups' weights are built by the torch path (HELENE-FZOO builds them with FZOO's kernel: only
+# its update pass is the torch one)
+TORCH_BUILD = ("zo-muon", "helene-muon", "hizoo-l")
 
 
 @dataclass

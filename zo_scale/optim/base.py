@@ -430,27 +430,13 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _restore_and_update(self, pgs: list[float], scalars: dict) -> tuple[float, float]:
         """One pass: restore θ from −εd to θ, then apply the update — z generated once."""
         restore = -self._offset * self.param_groups[0]["eps"]
-        last = self.n_samples - 1
         counts = []  # clipped-coordinate counts, kept on the device until the end (no syncs)
         self.backend.prepare_edit()
         for view in self.views:
             if self._uses_kernels(view):
                 counts.append(self._fused_update(view, pgs, scalars, restore))
-                continue
-            st = self.shard_state[view.name]
-            master = st.get("master")
-            for lo, hi in self._chunk_ranges(view):
-                local = view.local[lo:hi]
-                zs = [self._z(view, lo, hi, j) for j in range(self.n_samples)]
-                if master is not None:
-                    theta = master[lo:hi]  # the master never saw the perturbation
-                else:  # fp32/fp64 in place; low precision without master goes through fp32 (lossy)
-                    theta = local if local.dtype in FULL_PRECISION else local.float()
-                    if restore:  # batched probes leave the weights at θ
-                        theta.add_(self._direction(view, lo, hi, zs[last]), alpha=restore)
-                counts.append(self._update_chunk(view, lo, hi, theta, zs, pgs, scalars))
-                if theta is not local:
-                    local.copy_(theta)
+            else:
+                counts.extend(self._torch_update(view, pgs, scalars, restore))
         self.backend.finish_edit()
         self.backend.after_update()
         self._offset = 0
@@ -466,6 +452,25 @@ class ZOOptimizer(torch.optim.Optimizer):
         return clipped_f, total
 
     reports_clipping = False
+
+    def _torch_update(self, view: ShardView, pgs: list[float], scalars: dict, restore: float) -> list:
+        """Restore + update of one shard, chunk by chunk, by ``_update_chunk`` (z regenerated per chunk)."""
+        last = self.n_samples - 1
+        master = self.shard_state[view.name].get("master")
+        counts = []
+        for lo, hi in self._chunk_ranges(view):
+            local = view.local[lo:hi]
+            zs = [self._z(view, lo, hi, j) for j in range(self.n_samples)]
+            if master is not None:
+                theta = master[lo:hi]  # the master never saw the perturbation
+            else:  # fp32/fp64 in place; low precision without master goes through fp32 (lossy)
+                theta = local if local.dtype in FULL_PRECISION else local.float()
+                if restore:  # batched probes leave the weights at θ
+                    theta.add_(self._direction(view, lo, hi, zs[last]), alpha=restore)
+            counts.append(self._update_chunk(view, lo, hi, theta, zs, pgs, scalars))
+            if theta is not local:
+                local.copy_(theta)
+        return counts
 
     # ------------------------------------------------------------------ helpers for subclasses
 

@@ -13,8 +13,8 @@ sits about a decade below FZOO's.
 State: m, one number per coordinate in ``state_dtype``, sharded like the weights (HELENE's
 ``momentum``), kept by global flat range in checkpoints like every per-coordinate state. The only
 collective is FZOO's all-reduce of the N + 1 losses. A step with no update (σ = 0, or a skipped
-non-finite loss) leaves m as it was. The update runs on the torch path (no fused kernel: FZOO's
-kernel has no momentum).
+non-finite loss) leaves m as it was. On CUDA the probes move the weights (and build batched groups)
+with FZOO's kernels; the update runs on the torch path (FZOO's fused update has no momentum).
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ class HELENEFZOO(FZOO):
         super().__init__(model, lr=lr, beta1=beta1, anneal=anneal, anneal_horizon=anneal_horizon, **kwargs)
         self._alpha = None
 
-    def _kernel_takes_samples(self, kernels) -> bool:
-        return False  # FZOO's fused kernel has no momentum: the torch path updates m and θ
+    def _fused_update(self, view, coefs, scalars, restore):
+        # FZOO's kernels still move the weights to each probe (and build batched groups); its fused update
+        # has no momentum, so the update pass is the torch one
+        self._torch_update(view, coefs, scalars, restore)
 
     def step(self, closure: Callable) -> float:
         group = self.param_groups[0]
