@@ -165,10 +165,8 @@ def optimizer_pass(opt, kind: str):
             sign[0] = -sign[0]
 
         return run
-    if isinstance(opt, FZOO):  # its step computes N coefficients itself (HELENE-FZOO: and α_t, here α_0 = 1)
+    if isinstance(opt, FZOO):  # its step computes N coefficients itself
         coefs = [0.1] * opt.n_samples
-        if isinstance(opt, HELENEFZOO):
-            opt._alpha = 1.0
         return lambda: opt._restore_and_update(coefs, {})
     if isinstance(opt, ZOMuon):  # restore + P·NS(G) per matrix, the N one-sided coefficients given
         coefs = [0.1] * opt.n_samples

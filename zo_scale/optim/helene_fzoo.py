@@ -50,27 +50,27 @@ class HELENEFZOO(FZOO):
         if not 0 <= beta1 < 1 or not anneal_horizon > 0:
             raise ValueError("zo_scale: HELENEFZOO needs 0 <= beta1 < 1 and anneal_horizon > 0")
         super().__init__(model, lr=lr, beta1=beta1, anneal=anneal, anneal_horizon=anneal_horizon, **kwargs)
-        self._alpha = None
 
     def _fused_update(self, view, coefs, scalars, restore):
         # FZOO's kernels still move the weights to each probe (and build batched groups); its fused update
         # has no momentum, so the update pass is the torch one
         self._torch_update(view, coefs, scalars, restore)
 
-    def step(self, closure: Callable) -> float:
+    def _alpha(self, step: int) -> float:
         group = self.param_groups[0]
-        self._alpha = helene_alpha(self.step_count, beta1=group["beta1"], anneal=group["anneal"],
-                                   horizon=group["anneal_horizon"])
+        return helene_alpha(step, beta1=group["beta1"], anneal=group["anneal"], horizon=group["anneal_horizon"])
+
+    def step(self, closure: Callable) -> float:
         loss = super().step(closure)
         if not self.last_stats.skipped:
-            self.last_stats.extra["alpha"] = self._alpha
+            self.last_stats.extra["alpha"] = self._alpha(self.last_stats.step)
         return loss
 
     def _update_chunk(self, view, lo, hi, theta, zs, coefs, scalars):
         group = self.param_groups[0]
         m = self.shard_state[view.name]["momentum"][lo:hi]
         m_work = m.to(theta.dtype)  # the same tensor when the state's dtype is the weights' working one
-        m_work.mul_(group["beta1"]).add_(combined_direction(zs, coefs, theta.dtype), alpha=self._alpha)
+        m_work.mul_(group["beta1"]).add_(combined_direction(zs, coefs, theta.dtype), alpha=self._alpha(self.step_count))
         if m_work is not m:
             m.copy_(m_work)
         wd = group["weight_decay"] if self._decays(view) else 0.0
