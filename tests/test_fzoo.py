@@ -139,11 +139,12 @@ def test_each_probe_sees_exactly_one_direction():
         torch.testing.assert_close(w, theta0 + EPS * u.double().view(7, 5), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("cls", [zo_scale.FZOO, zo_scale.HELENEFZOO])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_master_weights_restore_low_precision_bit_exactly(dtype):
+def test_master_weights_restore_low_precision_bit_exactly(dtype, cls):
     model, (x, y) = TinyNet(dtype), batch(dtype)
     before = _snapshot(model)
-    opt = zo_scale.FZOO(model, lr=0.0, eps=1e-2, seed=SEED, n_directions=3)
+    opt = cls(model, lr=0.0, eps=1e-2, seed=SEED, n_directions=3)
     assert opt.master_weights
     run_steps(opt, model, 2, x, y)
     for n, p in model.named_parameters():

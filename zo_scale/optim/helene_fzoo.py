@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Callable
 
 from zo_scale.optim.fzoo import FZOO
-from zo_scale.optim.updates import ANNEAL_LAWS, combined_direction, helene_alpha, mezo_update_
+from zo_scale.optim.updates import check_momentum_options, combined_direction, helene_alpha, mezo_update_
 
 
 class HELENEFZOO(FZOO):
@@ -45,10 +45,7 @@ class HELENEFZOO(FZOO):
         anneal_horizon: float = 100.0,
         **kwargs,  # FZOO's options and the base optimizer's
     ):
-        if anneal not in ANNEAL_LAWS:
-            raise ValueError(f"zo_scale: HELENEFZOO anneal must be one of {ANNEAL_LAWS}, got {anneal!r}")
-        if not 0 <= beta1 < 1 or not anneal_horizon > 0:
-            raise ValueError("zo_scale: HELENEFZOO needs 0 <= beta1 < 1 and anneal_horizon > 0")
+        check_momentum_options("HELENEFZOO", beta1=beta1, anneal=anneal, anneal_horizon=anneal_horizon)
         super().__init__(model, lr=lr, beta1=beta1, anneal=anneal, anneal_horizon=anneal_horizon, **kwargs)
 
     def _fused_update(self, view, coefs, scalars, restore):

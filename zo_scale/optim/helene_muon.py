@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from zo_scale.optim.lowrank import change_of_basis, matrix_shape, newton_schulz5, subspace_estimate
-from zo_scale.optim.updates import ANNEAL_LAWS, helene_alpha
+from zo_scale.optim.updates import check_momentum_options, helene_alpha
 from zo_scale.optim.zo_muon import ZOMuon
 
 RESAMPLE_MOMENTUM = ("project", "reset")
@@ -62,14 +62,11 @@ class HELENEMuon(ZOMuon):
         resample_momentum: str = "project",
         **kwargs,  # ZO-Muon's options and the base optimizer's
     ):
-        if anneal not in ANNEAL_LAWS:
-            raise ValueError(f"zo_scale: HELENEMuon anneal must be one of {ANNEAL_LAWS}, got {anneal!r}")
+        check_momentum_options("HELENEMuon", beta1=beta1, anneal=anneal, anneal_horizon=anneal_horizon)
         if resample_momentum not in RESAMPLE_MOMENTUM:
             raise ValueError(
                 f"zo_scale: HELENEMuon resample_momentum must be one of {RESAMPLE_MOMENTUM}, got {resample_momentum!r}"
             )
-        if not 0 <= beta1 < 1 or not anneal_horizon > 0:
-            raise ValueError("zo_scale: HELENEMuon needs 0 <= beta1 < 1 and anneal_horizon > 0")
         # M per matrix (replicated; updated in place, opt.state shows it), filled below: the base
         # constructor's _param_state already reads it
         self.subspace_momentum: dict[str, torch.Tensor] = {}

@@ -133,6 +133,14 @@ def factored_ema(
 ANNEAL_LAWS = ("exp", "exp_ema", "none")
 
 
+def check_momentum_options(owner: str, *, beta1: float, anneal: str, anneal_horizon: float) -> None:
+    """The annealed-momentum options of HELENE's variants (HELENE-Muon, HELENE-FZOO), refused in one line."""
+    if anneal not in ANNEAL_LAWS:
+        raise ValueError(f"zo_scale: {owner} anneal must be one of {ANNEAL_LAWS}, got {anneal!r}")
+    if not 0 <= beta1 < 1 or not anneal_horizon > 0:
+        raise ValueError(f"zo_scale: {owner} needs 0 <= beta1 < 1 and anneal_horizon > 0")
+
+
 def helene_alpha(step: int, *, beta1: float, anneal: str, horizon: float) -> float:
     """Momentum weight of the current gradient at step t (0-based).
 
